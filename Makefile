@@ -1,0 +1,46 @@
+# The front door: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.DEFAULT_GOAL := help
+.PHONY: help venv postgres lint typecheck unit integration test demo golden clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cdc-audit needs Python >= 3.11")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed ## create .venv and install the package with its dev extras
+
+postgres: ## make sure PostgreSQL server binaries are present (apt install when root)
+	@bash scripts/ensure-postgres.sh
+
+lint: venv ## ruff and mypy
+	$(VENV)/bin/ruff check cdc_audit tests
+	$(VENV)/bin/ruff format --check cdc_audit tests
+	$(VENV)/bin/mypy
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv ## unit tests (no database)
+	$(VENV)/bin/pytest tests/unit -q
+
+integration: venv postgres ## integration tests against a throwaway PostgreSQL
+	$(VENV)/bin/pytest tests/integration -q
+
+test: venv postgres lint ## everything CI runs: lint, types, unit and integration tests
+	$(VENV)/bin/pytest -q
+
+golden: venv ## regenerate golden SQL fixtures after a reviewed change
+	$(PY) -m tests.unit.golden --regenerate
+
+clean: ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,164 @@
+"""The `cdc-audit` command. Thin: parses arguments, calls the parts, maps errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__, installer, status
+from .db import connect
+from .errors import CdcAuditError, InvalidInput
+from .names import InstallNames
+from .policy import LoadedPolicy, load_policy
+from .settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _policy(args: argparse.Namespace, settings: Settings) -> LoadedPolicy:
+    path = getattr(args, "policy", None) or settings.policy
+    if path is None:
+        raise InvalidInput("no policy given: use --policy FILE or set CDC_AUDIT_POLICY")
+    return load_policy(Path(path))
+
+
+def _dsn(args: argparse.Namespace, settings: Settings) -> str | None:
+    return getattr(args, "dsn", None) or settings.dsn
+
+
+def _schema(args: argparse.Namespace, settings: Settings) -> str:
+    """--schema, else the policy's schema when a policy is given, else the default."""
+    if getattr(args, "schema", None):
+        return str(args.schema)
+    if getattr(args, "policy", None) or settings.policy:
+        return _policy(args, settings).policy.schema_name
+    return "cdc_audit"
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    loaded = _policy(args, settings)
+    policy = loaded.policy
+    print(
+        f"{loaded.source}: ok: {len(policy.streams)} stream(s), {len(policy.tables)} table(s), "
+        f"schema {policy.schema_name}"
+    )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    loaded = _policy(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        computed = installer.compute_plan(conn, loaded)
+        text = computed.render(conn)
+        conn.rollback()
+    if computed.empty:
+        _say("nothing to do: the database matches the policy")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    loaded = _policy(args, settings)
+    result = installer.apply(_dsn(args, settings), loaded, progress=lambda s: _say(f"- {s}"))
+    if result.plan.empty:
+        _say("nothing to do: the database matches the policy")
+    else:
+        _say(f"applied {len(result.plan.steps)} step(s); replication slot {result.slot}")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    installer.uninstall(
+        _dsn(args, settings), schema, args.drop_data, progress=lambda s: _say(f"- {s}")
+    )
+    kept = "dropped, with the trail" if args.drop_data else "removed; the trail is kept"
+    _say(f"cdc-audit {kept} (schema {schema})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        report = status.collect(conn, InstallNames(schema, conn.info.dbname))
+    if args.format == "json":
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    else:
+        sys.stdout.write(status.render_text(report))
+    return 0 if report["installed"] else 3
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--dsn", default=default, help="libpq connection string (CDC_AUDIT_DSN)")
+    parser.add_argument(
+        "--policy", default=default, metavar="FILE", help="policy file (CDC_AUDIT_POLICY)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cdc-audit", description="Tamper-evident audit trail for PostgreSQL.")
+    parser.add_argument("--version", action="version", version=f"cdc-audit {__version__}")
+    _common(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _common(sub, suppress=True)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("check", cmd_check, "validate the policy file (no database)")
+    command("plan", cmd_plan, "print the SQL that apply would run")
+    command("apply", cmd_apply, "install or update the database objects of the policy")
+    uninstall = command("uninstall", cmd_uninstall, "remove capture objects (keeps the trail)")
+    uninstall.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    uninstall.add_argument(
+        "--drop-data", action="store_true", help="also drop the trail and the roles"
+    )
+    status_cmd = command("status", cmd_status, "installation, policy, tables, slot and lag")
+    status_cmd.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    status_cmd.add_argument("--format", choices=("text", "json"), default="text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handler: Handler = args.handler
+        return handler(args, Settings())
+    except CdcAuditError as exc:
+        for line in _error_lines(exc):
+            _say(line)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("cdc-audit: interrupted")
+        return 130
+
+
+def _error_lines(exc: CdcAuditError) -> list[str]:
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return [f"cdc-audit: {problem}" for problem in problems]
+    return [f"cdc-audit: {exc}"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Connections, with failures turned into one-line errors that keep the SQLSTATE."""
+
+from __future__ import annotations
+
+import psycopg
+
+from .errors import DatabaseError, InvalidInput
+
+
+def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[object]:
+    if not dsn:
+        raise InvalidInput("no database given: use --dsn or set CDC_AUDIT_DSN")
+    try:
+        conn: psycopg.Connection[object] = psycopg.connect(
+            dsn, autocommit=autocommit, application_name="cdc-audit"
+        )
+    except psycopg.ProgrammingError as exc:
+        raise InvalidInput(f"invalid DSN: {_first_line(exc)}") from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"cannot connect: {_first_line(exc)}") from exc
+    return conn
+
+
+def database_error(exc: psycopg.Error, doing: str) -> DatabaseError:
+    return DatabaseError(f"{doing} failed: {_first_line(exc)}", exc.sqlstate)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

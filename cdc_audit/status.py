@@ -1,0 +1,82 @@
+"""What `cdc-audit status` reports: installation, policy, audited tables, slot and lag."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from . import catalog
+from .catalog import Installed
+from .names import InstallNames
+from .predicate import TableName
+
+
+def collect(conn: psycopg.Connection[object], names: InstallNames) -> dict[str, Any]:
+    installed = catalog.read_installed(conn, names, recorded_slot=True)
+    names = installed.names
+    catalog.read_tables(conn, installed, set())
+    return {
+        "installed": installed.schema_exists and "runtime_sha256" in installed.settings,
+        "database": names.database,
+        "schema": names.schema,
+        "schema_version": installed.migration_version,
+        "policy": {
+            "version": installed.last_policy_version,
+            "sha256": installed.last_policy_sha256,
+            "applied_at": installed.last_applied_at,
+        },
+        "tables": _tables(installed),
+        "slot": None if installed.slot is None else vars(installed.slot),
+        "publication": names.publication if installed.publication_exists else None,
+        "ddl_capture": bool(installed.event_triggers),
+        "emit_message_locked": not installed.emit_message_public,
+    }
+
+
+def _tables(installed: Installed) -> list[dict[str, Any]]:
+    rows = []
+    for key, audited in sorted(installed.audited.items()):
+        info = installed.tables.get(key)
+        relations = info.all_relations if info else ()
+        rows.append(
+            {
+                "table": TableName(*key).qualified(),
+                "stream": audited.stream,
+                "exists": info is not None,
+                "partitions": len(relations) - 1 if relations else 0,
+                "relations_without_trigger": sum(
+                    1 for r in relations if r.oid not in installed.trigger_oids
+                ),
+                "published": key in installed.publication_tables,
+            }
+        )
+    return rows
+
+
+def render_text(report: dict[str, Any]) -> str:
+    if not report["installed"]:
+        return f"cdc-audit is not installed in schema {report['schema']} of {report['database']}\n"
+    policy = report["policy"]
+    lines = [
+        f"database     {report['database']}, schema {report['schema']} "
+        f"(audit schema version {report['schema_version']})",
+        f"policy       version {policy['version']}, sha256 {str(policy['sha256'])[:16]}, "
+        f"applied {policy['applied_at']}",
+        f"ddl capture  {'on' if report['ddl_capture'] else 'off'}",
+    ]
+    for table in report["tables"]:
+        health = "ok" if table["exists"] and table["published"] else "DRIFT"
+        if table["relations_without_trigger"]:
+            health = f"DRIFT: {table['relations_without_trigger']} relation(s) without trigger"
+        lines.append(f"table        {table['table']} -> {table['stream']} [{health}]")
+    slot = report["slot"]
+    if slot is None:
+        lines.append("slot         MISSING")
+    else:
+        lines.append(
+            f"slot         {slot['name']}: {'active' if slot['active'] else 'inactive'}, "
+            f"wal_status {slot['wal_status']}, lag {slot['lag_bytes']} bytes, "
+            f"retained {slot['retained_bytes']} bytes"
+        )
+    return "\n".join(lines) + "\n"
