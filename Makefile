@@ -40,7 +40,7 @@ test: venv postgres lint ## everything CI runs: lint, types, unit and integratio
 	$(VENV)/bin/pytest -q
 
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
-	$(PY) -m tests.unit.golden --regenerate
+	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q
 
 clean: ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .context import context, set_context  # noqa: E402
+from .context import context, set_context
 
 __all__ = ["__version__", "context", "set_context"]

@@ -14,8 +14,9 @@ rules, a subset of RFC 8785 (JCS) chosen so that orjson produces them at full sp
   are ints within +-(2**53 - 1) (exact in every JSON parser), or `JsonNumber`, whose text is
   written verbatim (for numbers from json/jsonb columns, kept as PostgreSQL printed them).
   Larger integers and PostgreSQL numeric/float values travel as strings.
-- Values are None, bool, int, str, JsonNumber, list (or tuple) and dict with str keys;
-  subclasses of str and int (such as StrEnum members) are written as their plain value.
+- Values are None, bool, int, str, JsonNumber, list (or tuple) and dict with keys of exact
+  type str; values that are subclasses of str, int, list or dict (such as StrEnum members)
+  are written as their plain value.
 """
 
 from __future__ import annotations

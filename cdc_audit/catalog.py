@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from psycopg import Connection, sql
-from psycopg.rows import dict_row
+from psycopg.rows import TupleRow, dict_row
 
 from .names import InstallNames
 
@@ -84,13 +84,15 @@ class Installed:
     trigger_oids: frozenset[int] = frozenset()
 
 
-def _scalar(conn: Connection[object], query: str, params: tuple[object, ...] = ()) -> object:
+def _scalar(
+    conn: Connection[TupleRow], query: str | sql.Composed, params: tuple[object, ...] = ()
+) -> object:
     row = conn.execute(query, params).fetchone()
     return None if row is None else row[0]
 
 
 def read_installed(
-    conn: Connection[object], names: InstallNames, *, recorded_slot: bool = False
+    conn: Connection[TupleRow], names: InstallNames, *, recorded_slot: bool = False
 ) -> Installed:
     """The installation in `names.schema`; with `recorded_slot`, the slot apply recorded."""
     installed = Installed(names=names, server_version=conn.info.server_version)
@@ -122,7 +124,7 @@ def read_installed(
     return installed
 
 
-def _emit_message_public(conn: Connection[object]) -> bool:
+def _emit_message_public(conn: Connection[TupleRow]) -> bool:
     """True while PUBLIC may still call some pg_logical_emit_message overload."""
     return bool(
         _scalar(
@@ -139,7 +141,7 @@ def _emit_message_public(conn: Connection[object]) -> bool:
     )
 
 
-def _read_publication(conn: Connection[object], installed: Installed) -> None:
+def _read_publication(conn: Connection[TupleRow], installed: Installed) -> None:
     pub = installed.names.publication
     installed.publication_exists = bool(
         _scalar(conn, "SELECT count(*) FROM pg_publication WHERE pubname = %s", (pub,))
@@ -160,7 +162,7 @@ def _read_publication(conn: Connection[object], installed: Installed) -> None:
     )
 
 
-def _table_exists(conn: Connection[object], schema: str, table: str) -> bool:
+def _table_exists(conn: Connection[TupleRow], schema: str, table: str) -> bool:
     return bool(
         _scalar(
             conn,
@@ -171,7 +173,7 @@ def _table_exists(conn: Connection[object], schema: str, table: str) -> bool:
     )
 
 
-def _read_schema_tables(conn: Connection[object], installed: Installed) -> None:
+def _read_schema_tables(conn: Connection[TupleRow], installed: Installed) -> None:
     schema = installed.names.schema
     ident = sql.Identifier(schema)
     if not _table_exists(conn, schema, "schema_migration"):
@@ -209,7 +211,7 @@ def _read_schema_tables(conn: Connection[object], installed: Installed) -> None:
         installed.missing_partitions = -1
 
 
-def read_slot(conn: Connection[object], slot: str) -> SlotInfo | None:
+def read_slot(conn: Connection[TupleRow], slot: str) -> SlotInfo | None:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             """
@@ -224,12 +226,13 @@ def read_slot(conn: Connection[object], slot: str) -> SlotInfo | None:
     return None if row is None else SlotInfo(**row)
 
 
-def read_table(conn: Connection[object], schema: str, name: str) -> TableInfo | None:
+def read_table(conn: Connection[TupleRow], schema: str, name: str) -> TableInfo | None:
     """The table, its columns, primary key and partitions; None when it does not exist."""
     row = conn.execute(
         """
         SELECT c.oid, c.relkind::text, c.relreplident::text,
-               (SELECT p.oid::regclass::text FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+               (SELECT p.oid::regclass::text
+                  FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
                  WHERE i.inhrelid = c.oid AND c.relispartition)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = %s AND c.relname = %s
@@ -278,7 +281,9 @@ def read_table(conn: Connection[object], schema: str, name: str) -> TableInfo | 
     )
 
 
-def read_tables(conn: Connection[object], installed: Installed, keys: set[tuple[str, str]]) -> None:
+def read_tables(
+    conn: Connection[TupleRow], installed: Installed, keys: set[tuple[str, str]]
+) -> None:
     """Look up `keys` (and every audited table) with their partitions and context triggers."""
     for key in sorted(keys | set(installed.audited)):
         installed.tables[key] = read_table(conn, *key)

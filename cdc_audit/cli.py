@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from pydantic import ValidationError
+
 from . import __version__, installer, status
 from .db import connect
 from .errors import CdcAuditError, InvalidInput
@@ -143,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         handler: Handler = args.handler
-        return handler(args, Settings())
+        return handler(args, _settings())
     except CdcAuditError as exc:
         for line in _error_lines(exc):
             _say(line)
@@ -151,6 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("cdc-audit: interrupted")
         return 130
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "CDC_AUDIT_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise InvalidInput(f"{name}: {first['msg']}") from None
 
 
 def _error_lines(exc: CdcAuditError) -> list[str]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from .errors import DatabaseError, InvalidInput
 
 
-def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[object]:
+def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[TupleRow]:
     if not dsn:
         raise InvalidInput("no database given: use --dsn or set CDC_AUDIT_DSN")
     try:
-        conn: psycopg.Connection[object] = psycopg.connect(
+        conn: psycopg.Connection[TupleRow] = psycopg.connect(
             dsn, autocommit=autocommit, application_name="cdc-audit"
         )
     except psycopg.ProgrammingError as exc:

@@ -53,7 +53,8 @@ def find_pg_bin() -> Path:
     )
     if not candidates:
         raise ClusterError(
-            "PostgreSQL server binaries not found: install PostgreSQL (e.g. apt-get install postgresql)"
+            "PostgreSQL server binaries not found: install PostgreSQL"
+            " (e.g. apt-get install postgresql)"
         )
     return Path(candidates[-1]).parent
 

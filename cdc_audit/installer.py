@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import TupleRow
 
 from . import __version__, catalog, plan, sqlfiles
 from .catalog import Installed
@@ -23,13 +24,13 @@ from .policy import LoadedPolicy
 Progress = Callable[[str], None]
 
 
-def _lock(conn: psycopg.Connection[object], names: InstallNames) -> None:
+def _lock(conn: psycopg.Connection[TupleRow], names: InstallNames) -> None:
     conn.execute(
         "SELECT pg_advisory_xact_lock(hashtext('cdc-audit install ' || %s))", (names.schema,)
     )
 
 
-def _require_superuser(conn: psycopg.Connection[object]) -> None:
+def _require_superuser(conn: psycopg.Connection[TupleRow]) -> None:
     row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
     if not (row and row[0]):
         raise InvalidInput(
@@ -38,7 +39,7 @@ def _require_superuser(conn: psycopg.Connection[object]) -> None:
 
 
 def read_state(
-    conn: psycopg.Connection[object], loaded: LoadedPolicy
+    conn: psycopg.Connection[TupleRow], loaded: LoadedPolicy
 ) -> tuple[Installed, list[plan.TableTarget]]:
     names = plan.policy_names(loaded.policy, conn.info.dbname)
     installed = catalog.read_installed(conn, names)
@@ -49,7 +50,7 @@ def read_state(
 
 
 def compute_plan(
-    conn: psycopg.Connection[object], loaded: LoadedPolicy, target_migration: int | None = None
+    conn: psycopg.Connection[TupleRow], loaded: LoadedPolicy, target_migration: int | None = None
 ) -> plan.Plan:
     installed, targets = read_state(conn, loaded)
     return plan.build_apply_plan(loaded, installed, targets, target_migration)
@@ -187,7 +188,9 @@ def uninstall(
     return built
 
 
-def _drop_roles(conn: psycopg.Connection[object], names: InstallNames, progress: Progress) -> None:
+def _drop_roles(
+    conn: psycopg.Connection[TupleRow], names: InstallNames, progress: Progress
+) -> None:
     """Roles are cluster-wide: drop each one no other database still uses."""
     for role in names.roles.values():
         try:

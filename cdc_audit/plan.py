@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from psycopg import Connection, sql
+from psycopg.rows import TupleRow
 
 from . import __version__, sqlfiles
 from .catalog import Installed, Relation, TableInfo
@@ -21,6 +22,7 @@ from .names import InstallNames
 from .policy import LoadedPolicy, Policy, TablePolicy
 
 TableKey = tuple[str, str]
+Statement = sql.SQL | sql.Composed
 ROW_FILTER_MIN_SERVER = 150000
 OPERATION_ORDER = ("insert", "update", "delete", "truncate")
 
@@ -30,7 +32,7 @@ class Step:
     kind: str
     target: str
     description: str
-    statements: tuple[sql.Composable, ...]
+    statements: tuple[Statement, ...]
     after_commit: bool = False
 
 
@@ -48,7 +50,7 @@ class Plan:
     def after_commit(self) -> list[Step]:
         return [step for step in self.steps if step.after_commit]
 
-    def render(self, conn: Connection[object]) -> str:
+    def render(self, conn: Connection[TupleRow] | None = None) -> str:
         """The SQL of the plan, readable, in the order apply runs it."""
         chunks: list[str] = []
         body = self.in_transaction()
@@ -60,7 +62,7 @@ class Plan:
         return "\n\n".join(chunks) + "\n" if chunks else ""
 
 
-def _render_step(step: Step, conn: Connection[object]) -> str:
+def _render_step(step: Step, conn: Connection[TupleRow] | None) -> str:
     lines = [f"-- {step.description}"]
     lines.extend(statement.as_string(conn).strip() + ";" for statement in step.statements)
     return "\n".join(lines)
@@ -201,18 +203,16 @@ class PlanBuilder:
         self.params = names.template_params(app_stream)
         self.steps: list[Step] = []
 
-    def add(self, kind: str, target: str, description: str, *statements: sql.Composable) -> None:
+    def add(self, kind: str, target: str, description: str, *statements: Statement) -> None:
         self.steps.append(Step(kind, target, description, tuple(statements)))
 
-    def add_after_commit(
-        self, kind: str, target: str, description: str, stmt: sql.Composable
-    ) -> None:
+    def add_after_commit(self, kind: str, target: str, description: str, stmt: Statement) -> None:
         self.steps.append(Step(kind, target, description, (stmt,), after_commit=True))
 
     def template(self, relative: str, **extra: sql.Composable) -> sql.Composed:
         return sqlfiles.render(relative, {**self.params, **extra})
 
-    def as_owner(self, *statements: sql.Composable) -> tuple[sql.Composable, ...]:
+    def as_owner(self, *statements: Statement) -> tuple[Statement, ...]:
         owner = sql.Identifier(self.names.role("owner"))
         return (sql.SQL("SET LOCAL ROLE {}").format(owner), *statements, sql.SQL("RESET ROLE"))
 
@@ -367,7 +367,7 @@ def _plan_table(builder: PlanBuilder, installed: Installed, target: TableTarget)
     needs_trigger = (
         relations if changed else [r for r in relations if r.oid not in installed.trigger_oids]
     )
-    statements: list[sql.Composable] = [
+    statements: list[Statement] = [
         *_identity_statements(target),
         *(_trigger_statement(builder, target, relation) for relation in needs_trigger),
         *_publication_statements(installed, target, changed),
@@ -384,8 +384,8 @@ def _plan_table(builder: PlanBuilder, installed: Installed, target: TableTarget)
         )
 
 
-def _identity_statements(target: TableTarget) -> list[sql.Composable]:
-    statements: list[sql.Composable] = []
+def _identity_statements(target: TableTarget) -> list[Statement]:
+    statements: list[Statement] = []
     for relation in target.info.all_relations:
         wanted = target.wanted_identity(relation.replica_identity)
         if wanted != relation.replica_identity:
@@ -393,7 +393,7 @@ def _identity_statements(target: TableTarget) -> list[sql.Composable]:
     return statements
 
 
-def _set_identity(relation: Relation, identity: str) -> sql.Composable:
+def _set_identity(relation: Relation, identity: str) -> Statement:
     keyword = {"f": "FULL", "d": "DEFAULT", "n": "NOTHING"}[identity]
     return sql.SQL("ALTER TABLE {} REPLICA IDENTITY " + keyword).format(relation.identifier())
 
@@ -417,11 +417,11 @@ def _trigger_statement(
 
 def _publication_statements(
     installed: Installed, target: TableTarget, changed: bool
-) -> list[sql.Composable]:
+) -> list[Statement]:
     publication = sql.Identifier(installed.names.publication)
     table = target.info.relation.identifier()
     member = target.key in installed.publication_tables
-    statements: list[sql.Composable] = []
+    statements: list[Statement] = []
     if member and changed:
         # Row filters cannot be altered in place; drop and add in the same transaction.
         statements.append(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(publication, table))
@@ -433,7 +433,7 @@ def _publication_statements(
     return statements
 
 
-def _remember_table(names: InstallNames, target: TableTarget) -> sql.Composable:
+def _remember_table(names: InstallNames, target: TableTarget) -> Statement:
     original = target.info.relation.replica_identity
     return sql.SQL(
         "INSERT INTO {}.audited_table"
@@ -467,12 +467,12 @@ def _plan_released_tables(
 
 def release_statements(
     installed: Installed, key: TableKey, original_identity: str
-) -> list[sql.Composable]:
+) -> list[Statement]:
     """Undo what auditing did to a table: trigger, publication membership, replica identity."""
     names = installed.names
     found = installed.tables.get(key)
     relations = found.all_relations if found is not None else ()
-    statements: list[sql.Composable] = [
+    statements: list[Statement] = [
         sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
             sql.Identifier(names.context_trigger), relation.identifier()
         )
@@ -526,7 +526,7 @@ def _plan_event_triggers(builder: PlanBuilder, installed: Installed, want: bool)
         )
 
 
-def drop_event_trigger_statements(present: Iterable[str]) -> list[sql.Composable]:
+def drop_event_trigger_statements(present: Iterable[str]) -> list[Statement]:
     return [
         sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(t))
         for t in sorted(present)

@@ -511,7 +511,7 @@ def _exact_identifier(ident: exp.Identifier) -> str:
         name = raw.translate(_ASCII_FOLD)
         # sqlglot also reads many SQL keywords as bare column names; PostgreSQL does not.
         if name in _QUOTED_KEYWORDS:
-            raise _Refused(f"{raw} is an SQL keyword; if it is a column, write it as \"{name}\"")
+            raise _Refused(f'{raw} is an SQL keyword; if it is a column, write it as "{name}"')
     if "\x00" in name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
         raise _Refused(f"invalid name {_show(raw)} (at most {MAX_NAME_BYTES} bytes)")
     return name

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 
 from . import catalog
 from .catalog import Installed
@@ -12,7 +13,7 @@ from .names import InstallNames
 from .predicate import TableName
 
 
-def collect(conn: psycopg.Connection[object], names: InstallNames) -> dict[str, Any]:
+def collect(conn: psycopg.Connection[TupleRow], names: InstallNames) -> dict[str, Any]:
     installed = catalog.read_installed(conn, names, recorded_slot=True)
     names = installed.names
     catalog.read_tables(conn, installed, set())

@@ -1,8 +1,8 @@
 """Column values from pgoutput's text form to canonical JSON values, by type OID.
 
-The worker pins the decoding session's output settings (TimeZone=UTC, DateStyle=ISO,
-IntervalStyle=postgres, extra_float_digits=3, bytea_output=hex), so the text of a value depends
-only on the value. Nothing here reads the local time zone or locale.
+The worker is expected to pin the decoding session's output settings (TimeZone=UTC,
+DateStyle=ISO, IntervalStyle=postgres, extra_float_digits=3, bytea_output=hex), so that the
+text of a value depends only on the value. Nothing here reads the local time zone or locale.
 
 Rules (`converter_for` picks one per column once; `convert` is the one-off form):
 
@@ -15,9 +15,9 @@ Rules (`converter_for` picks one per column once; `convert` is the one-off form)
 - bool: true/false.
 - json, jsonb: parsed into JSON values with numbers kept exactly: integers within +-(2**53 - 1)
   become ints, every other number a `JsonNumber` holding the digits PostgreSQL printed (so
-  2.50 stays 2.50). A json (not jsonb) value with duplicate object keys, an invalid Unicode
-  escape or nesting deeper than `MAX_JSON_DEPTH` is kept as its text, since parsing it would
-  lose or break something.
+  2.50 stays 2.50). A json value with duplicate object keys (json, unlike jsonb, keeps them) or
+  an invalid Unicode escape, and any value nesting deeper than `MAX_JSON_DEPTH`, is kept as
+  its text, since parsing it would lose or break something.
 - timestamptz: ``YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`` in UTC: a fraction only when non-zero,
   then always 6 digits. Any other offset the server printed is converted to UTC.
 - timestamp: the same without the offset. date: ``YYYY-MM-DD``.
@@ -120,18 +120,18 @@ _JSON_DECODER: Final = json.JSONDecoder(
 )
 
 
-def _json_depth_ok(value: object, depth: int) -> bool:
+def _json_value_ok(value: object, depth: int) -> bool:
     """Whether `value` nests at most MAX_JSON_DEPTH containers and has only valid strings."""
     if isinstance(value, str):
         return value.isascii() or _encodable(value)
     if isinstance(value, dict):
         if depth >= MAX_JSON_DEPTH:
             return False
-        return all(_encodable(k) and _json_depth_ok(v, depth + 1) for k, v in value.items())
+        return all(_encodable(k) and _json_value_ok(v, depth + 1) for k, v in value.items())
     if isinstance(value, list):
         if depth >= MAX_JSON_DEPTH:
             return False
-        return all(_json_depth_ok(v, depth + 1) for v in value)
+        return all(_json_value_ok(v, depth + 1) for v in value)
     return True
 
 
@@ -151,7 +151,7 @@ def _parse_json(decoder: json.JSONDecoder, text: str) -> JsonValue:
     # Cheap, C-speed screens for the rare values that need the slow walk: many brackets may
     # mean deep nesting; a \u escape may hide a lone surrogate.
     if (text.count("[") + text.count("{") > MAX_JSON_DEPTH or "\\u" in text) and not (
-        _json_depth_ok(value, 0)
+        _json_value_ok(value, 0)
     ):
         return text
     return value

@@ -11,9 +11,8 @@ import pytest
 
 from cdc_audit.ephemeral import EphemeralCluster
 
-from .pg import Database
-
 from .fix_policy import write_policy  # noqa: F401  (fixture)
+from .pg import Database
 
 _counter = itertools.count(1)
 

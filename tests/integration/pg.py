@@ -26,7 +26,9 @@ class Database:
     def dsn_as(self, user: str) -> str:
         return self.cluster.dsn(self.name, user=user)
 
-    def connect(self, *, user: str | None = None, autocommit: bool = True) -> psycopg.Connection[Any]:
+    def connect(
+        self, *, user: str | None = None, autocommit: bool = True
+    ) -> psycopg.Connection[Any]:
         return psycopg.connect(self.cluster.dsn(self.name, user=user), autocommit=autocommit)
 
     def execute(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -116,7 +118,9 @@ def _parse(line: str) -> Change:
     return Change("change", line)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cdc_audit.cli", *args],
         capture_output=True,

@@ -13,10 +13,7 @@ from cdc_audit.policy import load_policy
 from .fix_policy import WritePolicy
 from .pg import Database, DecodingWatcher
 
-TABLES = (
-    "  - {table: public.accounts, stream: user}\n"
-    "  - {table: public.roles, stream: admin}\n"
-)
+TABLES = "  - {table: public.accounts, stream: user}\n  - {table: public.roles, stream: admin}\n"
 
 
 @pytest.fixture
@@ -49,12 +46,29 @@ def test_one_message_per_context_change_and_none_for_other_tables(audited: Datab
         conn.execute("INSERT INTO scratch VALUES (2)")
     changes = watcher.changes()
     kinds = [c.kind for c in changes]
-    assert kinds == ["begin", "change", "message", "change", "change", "change", "change",
-                     "message", "change", "message", "change", "commit",
-                     "begin", "change", "commit"]
+    assert kinds == [
+        "begin",
+        "change",
+        "message",
+        "change",
+        "change",
+        "change",
+        "change",
+        "message",
+        "change",
+        "message",
+        "change",
+        "commit",
+        "begin",
+        "change",
+        "commit",
+    ]
     emitted = contexts_from(changes)
     assert [(m["actor_id"], m["stream"]) for m in emitted] == [
-        ("u1", "user"), ("u2", "user"), ("u2", "admin")]
+        ("u1", "user"),
+        ("u2", "user"),
+        ("u2", "admin"),
+    ]
     # The second transaction touched no audited table: no context for it.
     assert all(c.message is None for c in changes[-3:])
 
@@ -67,25 +81,51 @@ def test_message_carries_application_and_database_facts(audited: Database) -> No
     app_user = audited.login_role("svc", "cdc_audit_app")
     audited.execute(f"GRANT ALL ON accounts TO {app_user}")
     watcher = DecodingWatcher(audited)
-    with psycopg.connect(audited.dsn_as(app_user), application_name="billing") as conn:
-        with conn.transaction():
-            conn.execute(
-                "SELECT cdc_audit.set_context(actor_id => 'u42', actor_role => 'support',"
-                " reason => 'refund', on_behalf_of => 'u7', session_id => 's1',"
-                " client_ip => '10.1.2.3', trace_id => 't-1', extra => '{\"ticket\": 7}')"
-            )
-            conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
-            xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
-            pid = conn.info.backend_pid
+    with (
+        psycopg.connect(audited.dsn_as(app_user), application_name="billing") as conn,
+        conn.transaction(),
+    ):
+        conn.execute(
+            "SELECT cdc_audit.set_context(actor_id => 'u42', actor_role => 'support',"
+            " reason => 'refund', on_behalf_of => 'u7', session_id => 's1',"
+            " client_ip => '10.1.2.3', trace_id => 't-1', extra => '{\"ticket\": 7}')"
+        )
+        conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
+        xid = conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0]  # type: ignore[index]
+        pid = conn.info.backend_pid
     [message] = contexts(watcher)
-    assert {k: message[k] for k in ("actor_id", "actor_role", "reason", "on_behalf_of",
-                                     "session_id", "client_ip", "trace_id", "extra")} == {
-        "actor_id": "u42", "actor_role": "support", "reason": "refund", "on_behalf_of": "u7",
-        "session_id": "s1", "client_ip": "10.1.2.3", "trace_id": "t-1", "extra": {"ticket": 7}}
+    assert {
+        k: message[k]
+        for k in (
+            "actor_id",
+            "actor_role",
+            "reason",
+            "on_behalf_of",
+            "session_id",
+            "client_ip",
+            "trace_id",
+            "extra",
+        )
+    } == {
+        "actor_id": "u42",
+        "actor_role": "support",
+        "reason": "refund",
+        "on_behalf_of": "u7",
+        "session_id": "s1",
+        "client_ip": "10.1.2.3",
+        "trace_id": "t-1",
+        "extra": {"ticket": 7},
+    }
     assert message["missing"] == []
     assert message["db"] == {
-        "session_user": app_user, "current_user": app_user, "application_name": "billing",
-        "client_addr": "127.0.0.1", "backend_pid": pid, "database": audited.name, "xid": xid}
+        "session_user": app_user,
+        "current_user": app_user,
+        "application_name": "billing",
+        "client_addr": "127.0.0.1",
+        "backend_pid": pid,
+        "database": audited.name,
+        "xid": xid,
+    }
 
 
 def test_set_role_is_reported_as_current_user(audited: Database) -> None:
@@ -106,11 +146,16 @@ def test_missing_context_is_recorded_or_rejected_per_stream(audited: Database) -
     with pytest.raises(psycopg.Error) as refused:
         audited.execute("INSERT INTO roles VALUES (1, 'x')")  # admin stream: reject
     assert refused.value.sqlstate == "CA001"
-    assert "INSERT on public.roles needs audit context: actor_id, reason missing" in str(refused.value)
-    with pytest.raises(psycopg.Error, match="reason missing"), audited.connect() as conn:
-        with conn.transaction():
-            conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
-            conn.execute("UPDATE roles SET name = 'y'")
+    assert "INSERT on public.roles needs audit context: actor_id, reason missing" in str(
+        refused.value
+    )
+    with (
+        pytest.raises(psycopg.Error, match="reason missing"),
+        audited.connect() as conn,
+        conn.transaction(),
+    ):
+        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
+        conn.execute("UPDATE roles SET name = 'y'")
     with audited.connect() as conn, conn.transaction():
         conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1', reason => 'promotion')")
         conn.execute("INSERT INTO roles VALUES (1, 'x')")
@@ -149,8 +194,10 @@ def test_hostile_context_values_are_stored_faithfully(audited: Database) -> None
     hostile = "O'Brien\"; DROP TABLE accounts; --\n\r\t\\ \u2028 ünï"
     huge = "x" * (1024 * 1024)
     with audited.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => %s, reason => %s, extra => %s)",
-                     (hostile, huge, json.dumps({"k'\"": hostile})))
+        conn.execute(
+            "SELECT cdc_audit.set_context(actor_id => %s, reason => %s, extra => %s)",
+            (hostile, huge, json.dumps({"k'\"": hostile})),
+        )
         conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
     [message] = contexts(watcher)
     assert message["actor_id"] == hostile
@@ -179,7 +226,10 @@ def test_python_helper_sets_and_restores_context(audited: Database) -> None:
             conn.execute("INSERT INTO accounts VALUES (3, 'c', 'z')")
     emitted = contexts(watcher)
     assert [(m.get("actor_id"), m.get("reason"), m.get("extra")) for m in emitted] == [
-        ("u1", "bulk fix", None), ("inner", None, {"step": 2}), ("outer", None, None)]
+        ("u1", "bulk fix", None),
+        ("inner", None, {"step": 2}),
+        ("outer", None, None),
+    ]
     with audited.connect() as conn:
         assert conn.execute("SELECT cdc_audit.current_context()").fetchone() == ({},)
 
@@ -195,7 +245,9 @@ def test_partitioned_table_emits_for_writes_to_root_and_partitions(
     )
     policy = write_policy("  - {table: public.orders, stream: user}\n")
     installer.apply(database.dsn, load_policy(policy))
-    assert database.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_audit_context'") == 3
+    assert (
+        database.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_audit_context'") == 3
+    )
     assert database.execute("SELECT tablename FROM pg_publication_tables") == [("orders",)]
     watcher = DecodingWatcher(database)
     with database.connect() as conn, conn.transaction():
@@ -212,8 +264,13 @@ def test_partitioned_table_emits_for_writes_to_root_and_partitions(
         text = installer.compute_plan(conn, load_policy(policy)).render(conn)
     assert '"public"."orders_ap"' in text and '"public"."orders_eu"' not in text
     installer.apply(database.dsn, load_policy(policy))
-    assert database.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_audit_context'") == 4
-    assert database.scalar("SELECT relreplident::text FROM pg_class WHERE relname = 'orders_ap'") == "f"
+    assert (
+        database.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_audit_context'") == 4
+    )
+    assert (
+        database.scalar("SELECT relreplident::text FROM pg_class WHERE relname = 'orders_ap'")
+        == "f"
+    )
 
 
 def test_mixed_case_and_quoted_identifiers(database: Database, write_policy: WritePolicy) -> None:
@@ -223,14 +280,15 @@ def test_mixed_case_and_quoted_identifiers(database: Database, write_policy: Wri
         ' "we""ird" text, status text)'
     )
     policy = write_policy(
-        "  - table: '\"Sales\".\"Order Items\"'\n"
+        '  - table: \'"Sales"."Order Items"\'\n'
         "    stream: user\n"
-        "    exclude: ['\"we\"\"ird\"']\n"
-        "    when: \"\\\"Unit Price\\\" > 10 AND status <> 'draft'\"\n"
+        '    exclude: [\'"we""ird"\']\n'
+        '    when: "\\"Unit Price\\" > 10 AND status <> \'draft\'"\n'
     )
     installer.apply(database.dsn, load_policy(policy))
     assert database.execute("SELECT schemaname, tablename FROM pg_publication_tables") == [
-        ("Sales", "Order Items")]
+        ("Sales", "Order Items")
+    ]
     watcher = DecodingWatcher(database)
     with database.connect() as conn, conn.transaction():
         conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")

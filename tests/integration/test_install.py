@@ -22,7 +22,8 @@ EXTRA = "ddl: {stream: admin}\napp_events: {stream: user}\n"
 @pytest.fixture
 def app_tables(database: Database) -> Database:
     database.execute(
-        "CREATE TABLE accounts (id int PRIMARY KEY, owner text, status text, updated_at timestamptz);"
+        "CREATE TABLE accounts"
+        " (id int PRIMARY KEY, owner text, status text, updated_at timestamptz);"
         "CREATE TABLE roles (id int PRIMARY KEY, name text);"
         "CREATE TABLE scratch (id int)"
     )
@@ -51,11 +52,17 @@ def test_apply_installs_everything_and_twice_is_a_no_op(
         " ORDER BY 2"
     )
     assert published == [("public", "accounts"), ("public", "roles")]
-    identities = dict(db.execute("SELECT relname, relreplident::text FROM pg_class"
-                                 " WHERE relname IN ('accounts', 'roles')"))
+    identities = dict(
+        db.execute(
+            "SELECT relname, relreplident::text FROM pg_class"
+            " WHERE relname IN ('accounts', 'roles')"
+        )
+    )
     assert identities == {"accounts": "f", "roles": "d"}
-    assert db.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
-                     (first.slot,)) == "pgoutput"
+    assert (
+        db.scalar("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (first.slot,))
+        == "pgoutput"
+    )
     assert db.scalar("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'cdc_audit%'") == 2
     assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == 2
     recorded = db.execute("SELECT action, sha256, policy_text FROM cdc_audit.policy_version")
@@ -67,13 +74,15 @@ def test_apply_installs_everything_and_twice_is_a_no_op(
     assert db.scalar("SELECT count(*) FROM cdc_audit.policy_version") == 1
 
 
-def test_plan_shows_sql_and_changes_nothing(app_tables: Database, write_policy: WritePolicy) -> None:
+def test_plan_shows_sql_and_changes_nothing(
+    app_tables: Database, write_policy: WritePolicy
+) -> None:
     policy = write_policy(ACCOUNTS)
     result = run_cli("--dsn", app_tables.dsn, "plan", "--policy", str(policy))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("BEGIN;")
     assert 'CREATE TABLE "cdc_audit".event (' in result.stdout
-    assert "ALTER PUBLICATION \"cdc_audit\" ADD TABLE \"public\".\"accounts\"" in result.stdout
+    assert 'ALTER PUBLICATION "cdc_audit" ADD TABLE "public"."accounts"' in result.stdout
     assert "pg_create_logical_replication_slot" in result.stdout
     assert app_tables.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'cdc_audit'") == 0
 
@@ -83,7 +92,9 @@ def test_plan_shows_sql_and_changes_nothing(app_tables: Database, write_policy: 
     assert "nothing to do" in again.stderr
 
 
-def test_policy_change_is_planned_and_recorded(app_tables: Database, write_policy: WritePolicy) -> None:
+def test_policy_change_is_planned_and_recorded(
+    app_tables: Database, write_policy: WritePolicy
+) -> None:
     db = app_tables
     apply(db, write_policy(ACCOUNTS))
     changed = write_policy(
@@ -94,7 +105,9 @@ def test_policy_change_is_planned_and_recorded(app_tables: Database, write_polic
     assert "CREATE OR REPLACE TRIGGER" in text and "BEFORE INSERT OR UPDATE ON" in text
     assert "WHERE (status <> 'draft')" in text
     apply(db, changed)
-    rowfilter = db.scalar("SELECT rowfilter FROM pg_publication_tables WHERE tablename = 'accounts'")
+    rowfilter = db.scalar(
+        "SELECT rowfilter FROM pg_publication_tables WHERE tablename = 'accounts'"
+    )
     assert rowfilter is not None and "draft" in rowfilter
     assert db.scalar("SELECT count(*) FROM cdc_audit.policy_version") == 2
     assert plan_text(db, changed) == ""
@@ -136,8 +149,13 @@ def test_removing_a_table_undoes_its_capture_but_keeps_its_events(
         " 'insert', 'public', 'roles', '\\x01', '\\x00', '\\x02')"
     )
     apply(db, write_policy(ACCOUNTS))
-    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'roles'::regclass"
-                     " AND tgname = 'cdc_audit_context'") == 0
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'roles'::regclass"
+            " AND tgname = 'cdc_audit_context'"
+        )
+        == 0
+    )
     assert db.scalar("SELECT count(*) FROM pg_publication_tables WHERE tablename = 'roles'") == 0
     assert db.scalar("SELECT relreplident::text FROM pg_class WHERE relname = 'roles'") == "d"
     assert db.scalar("SELECT count(*) FROM cdc_audit.event WHERE table_name = 'roles'") == 1
@@ -154,12 +172,26 @@ def test_uninstall_keeps_the_trail_and_drop_data_removes_it(
     assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'cdc_audit_context'") == 0
     assert db.scalar("SELECT count(*) FROM pg_event_trigger") == 0
     assert db.scalar("SELECT count(*) FROM pg_publication") == 0
-    assert db.scalar("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()") == 0
+    assert (
+        db.scalar("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()")
+        == 0
+    )
     assert db.scalar("SELECT relreplident::text FROM pg_class WHERE relname = 'accounts'") == "d"
-    assert db.scalar("SELECT has_function_privilege('public', "
-                     "'pg_logical_emit_message(boolean,text,text)', 'EXECUTE')") is True
+    assert (
+        db.scalar(
+            "SELECT has_function_privilege('public', "
+            "'pg_logical_emit_message(boolean,text,text)', 'EXECUTE')"
+        )
+        is True
+    )
     assert db.scalar("SELECT count(*) FROM cdc_audit.policy_version") == 2
-    assert db.scalar("SELECT to_regprocedure('cdc_audit.set_context(text,text,text,text,text,text,text,jsonb)')") is None
+    assert (
+        db.scalar(
+            "SELECT to_regprocedure("
+            "'cdc_audit.set_context(text,text,text,text,text,text,text,jsonb)')"
+        )
+        is None
+    )
 
     assert apply(db, policy).plan.steps, "a later apply reinstalls the capture"
     result = run_cli("--dsn", db.dsn, "uninstall", "--drop-data", "--schema", "cdc_audit")
@@ -167,7 +199,9 @@ def test_uninstall_keeps_the_trail_and_drop_data_removes_it(
     assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'cdc_audit'") == 0
 
 
-def test_status_reports_policy_tables_and_slot(app_tables: Database, write_policy: WritePolicy) -> None:
+def test_status_reports_policy_tables_and_slot(
+    app_tables: Database, write_policy: WritePolicy
+) -> None:
     db = app_tables
     before = run_cli("--dsn", db.dsn, "status")
     assert before.returncode == 3 and "not installed" in before.stdout
@@ -178,15 +212,25 @@ def test_status_reports_policy_tables_and_slot(app_tables: Database, write_polic
     report = json.loads(result.stdout)
     assert report["installed"] is True
     assert report["policy"]["version"] == 1
-    assert report["tables"] == [{"table": "public.accounts", "stream": "user", "exists": True,
-                                 "partitions": 0, "relations_without_trigger": 0, "published": True}]
+    assert report["tables"] == [
+        {
+            "table": "public.accounts",
+            "stream": "user",
+            "exists": True,
+            "partitions": 0,
+            "relations_without_trigger": 0,
+            "published": True,
+        }
+    ]
     assert report["slot"]["active"] is False
     assert report["slot"]["lag_bytes"] > 0
     text = run_cli("--dsn", db.dsn, "status").stdout
     assert "accounts -> user [ok]" in text and "lag" in text
 
 
-def test_unknown_table_and_column_are_policy_errors(app_tables: Database, write_policy: WritePolicy) -> None:
+def test_unknown_table_and_column_are_policy_errors(
+    app_tables: Database, write_policy: WritePolicy
+) -> None:
     policy = write_policy(
         ACCOUNTS
         + "  - {table: public.nope, stream: user}\n"
@@ -203,14 +247,21 @@ def test_unknown_table_and_column_are_policy_errors(app_tables: Database, write_
 
 def test_apply_needs_a_superuser(app_tables: Database, write_policy: WritePolicy) -> None:
     user = app_tables.login_role("plain")
-    result = run_cli("--dsn", app_tables.dsn_as(user), "apply", "--policy", str(write_policy(ACCOUNTS)))
+    result = run_cli(
+        "--dsn", app_tables.dsn_as(user), "apply", "--policy", str(write_policy(ACCOUNTS))
+    )
     assert result.returncode == 2
     assert "superuser" in result.stderr
 
 
 def test_unreachable_database_is_a_one_line_error(write_policy: WritePolicy) -> None:
-    result = run_cli("--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "plan",
-                     "--policy", str(write_policy(ACCOUNTS)))
+    result = run_cli(
+        "--dsn",
+        "host=127.0.0.1 port=1 connect_timeout=2",
+        "plan",
+        "--policy",
+        str(write_policy(ACCOUNTS)),
+    )
     assert result.returncode == 3
     assert result.stderr.startswith("cdc-audit: cannot connect")
     assert len(result.stderr.strip().splitlines()) == 1

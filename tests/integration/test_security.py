@@ -64,14 +64,18 @@ def test_application_role_can_set_context_and_log_events(
         app_conn.execute("SELECT cdc_audit.log_event('admin.user.role_granted', 'user:7')")
         app_conn.execute("INSERT INTO accounts VALUES (1, 'a')")
     with pytest.raises(psycopg.errors.RaiseException), app_conn.transaction():
-        app_conn.execute("SELECT cdc_audit.log_event('auth.login.failed', 'user:7', 'failure',"
-                         " '{\"ip\": \"1.2.3.4\"}', durable => true)")
+        app_conn.execute(
+            "SELECT cdc_audit.log_event('auth.login.failed', 'user:7', 'failure',"
+            ' \'{"ip": "1.2.3.4"}\', durable => true)'
+        )
         app_conn.execute("SELECT cdc_audit.log_event('rolled.back')")
         app_conn.execute("DO $$ BEGIN RAISE EXCEPTION 'login failed'; END $$")
     # A rollback does not flush the WAL; the next commit does, and decoding reads flushed WAL.
     installed.execute("SELECT pg_logical_emit_message(true, 'flush', '')")
-    events = [json.loads(m.content) | {"transactional": m.transactional}
-              for m in watcher.messages("cdc_audit.app")]
+    events = [
+        json.loads(m.content) | {"transactional": m.transactional}
+        for m in watcher.messages("cdc_audit.app")
+    ]
     assert [(e["action"], e["transactional"], e["outcome"]) for e in events] == [
         ("admin.user.role_granted", True, "success"),
         ("auth.login.failed", False, "failure"),

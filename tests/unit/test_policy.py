@@ -415,7 +415,8 @@ def test_bad_durations(text: str, message: str) -> None:
             id="excluded-and-redacted",
         ),
         pytest.param(
-            MINIMAL + "tables:\n  - table: t\n    stream: user\n    redact: {Email: hash, email: mask}\n",
+            MINIMAL
+            + "tables:\n  - table: t\n    stream: user\n    redact: {Email: hash, email: mask}\n",
             7,
             "tables[0].redact.email",
             "column 'email' is redacted twice (as 'Email' and 'email')",
@@ -423,15 +424,14 @@ def test_bad_durations(text: str, message: str) -> None:
         ),
         pytest.param(
             MINIMAL + "tables:\n  - table: t\n    stream: user\n"
-            "    when: \"1=1; DROP TABLE accounts\"\n",
+            '    when: "1=1; DROP TABLE accounts"\n',
             7,
             "tables[0].when",
             "only one expression is allowed",
             id="when-two-statements",
         ),
         pytest.param(
-            MINIMAL + "tables:\n  - table: accounts\n    stream: user\n"
-            "    when: \"roles.admin\"\n",
+            MINIMAL + 'tables:\n  - table: accounts\n    stream: user\n    when: "roles.admin"\n',
             7,
             "tables[0].when",
             "roles.admin refers to another table; a row filter can only read columns of "
@@ -566,7 +566,12 @@ def test_duplicate_keys_are_reported_though_yaml_allows_them() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "key", "message"),
     [
-        ("version: 1\nstreams: !!python/object:os.system {}\n", 2, "streams", "unsupported YAML tag"),
+        (
+            "version: 1\nstreams: !!python/object:os.system {}\n",
+            2,
+            "streams",
+            "unsupported YAML tag",
+        ),
         ("version: !!python/name:os.system 1\nstreams: {user: {}}\n", 1, "version", "YAML tag"),
         ("version: 1\nstreams: &a {user: *a}\n", 2, "streams.user", "alias refers to a node"),
         ("version: 1\nstreams: {user: {}}\n? [a, b]\n: c\n", 3, "", "a key must be a plain name"),
@@ -662,9 +667,7 @@ _SCALARS = st.one_of(
 )  # fmt: skip
 _DOCUMENTS = st.recursive(
     _SCALARS,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=5)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=5)),
     max_leaves=25,
 )
 
@@ -679,7 +682,7 @@ def _only_policy_or_policy_error(text: str) -> None:
         assert isinstance(result, Policy)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_DOCUMENTS)
 def test_random_yaml_documents_give_a_policy_or_a_policy_error(document: object) -> None:
     _only_policy_or_policy_error(yaml.safe_dump(document, allow_unicode=True))
@@ -694,7 +697,7 @@ def test_random_text_gives_a_policy_or_a_policy_error(text: str) -> None:
 _DESIGN_LINES = (POLICIES / "design_example.yaml").read_text().splitlines()
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     st.lists(
         st.tuples(
@@ -725,3 +728,35 @@ def test_damaged_versions_of_a_valid_policy_never_crash(
         else:
             lines[index] = lines[index][:5] + junk + lines[index][5:]
     _only_policy_or_policy_error("\n".join(lines) + "\n")
+
+
+def _paths(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+_DESIGN_DATA = yaml.safe_load((POLICIES / "design_example.yaml").read_text())
+_DESIGN_PATHS = _paths(_DESIGN_DATA)[1:]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_DESIGN_PATHS), _DOCUMENTS), min_size=1, max_size=3))
+def test_a_valid_policy_with_values_swapped_out_never_crashes(
+    swaps: list[tuple[tuple[object, ...], object]],
+) -> None:
+    data = yaml.safe_load(yaml.safe_dump(_DESIGN_DATA))
+    for path, replacement in swaps:
+        target = data
+        try:
+            for part in path[:-1]:
+                target = target[part]
+            target[path[-1]] = replacement
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier swap removed this path
+    _only_policy_or_policy_error(yaml.safe_dump(data, allow_unicode=True))
