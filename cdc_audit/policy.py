@@ -12,11 +12,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
@@ -75,8 +75,9 @@ ContextField = Literal[
 OnMissing = Literal["record", "reject"]
 
 OPERATIONS: Final[tuple[Operation, ...]] = get_args(Operation)
-_DEFAULT_REQUIRE: Final[tuple[ContextField, ...]] = ("actor_id",)
 CONTEXT_FIELDS: Final[tuple[ContextField, ...]] = get_args(ContextField)
+_DEFAULT_REQUIRE: Final[tuple[ContextField, ...]] = ("actor_id",)
+_T = TypeVar("_T")
 
 # Validation context key set while loading a file: cross-field rules then run on the raw
 # YAML (see _raw_facts) so they are reported even when other parts of the file are invalid.
@@ -179,11 +180,18 @@ class Duration:
 def _duration_value(value: object) -> Duration:
     if isinstance(value, Duration):
         return value
-    text = value if isinstance(value, str) else _plain(value)
+    text = _scalar_text(value, "a duration such as 400d")
     try:
         return Duration.parse(text)
     except ValueError as error:
         raise _refuse(str(error)) from None
+
+
+def _scalar_text(value: object, expected: str) -> str:
+    """A scalar as the user probably wrote it; lists and mappings are refused outright."""
+    if value is None or isinstance(value, (list, tuple, dict)):
+        raise _refuse(f"expected {expected}, got {_describe(value)}")
+    return value if isinstance(value, str) else _plain(value)
 
 
 def _plain(value: object) -> str:
@@ -223,18 +231,20 @@ def _column_name_value(value: object) -> str:
 
 def _stream_name_value(value: object) -> str:
     if not isinstance(value, str) or not _STREAM_NAME.match(value):
+        shown = _scalar_text(value, "a stream name")
         raise _refuse(
-            f"invalid stream name '{_plain(value)}'; use 1-40 lower-case letters, digits "
-            "and _, starting with a letter"
+            f"invalid stream name '{shown}'; use 1-40 lower-case letters, digits and _, "
+            "starting with a letter"
         )
     return value
 
 
 def _schema_name_value(value: object) -> str:
     if not isinstance(value, str) or not _SCHEMA_NAME.match(value):
+        shown = _scalar_text(value, "a schema name")
         raise _refuse(
-            f"invalid schema name '{_plain(value)}'; use 1-40 lower-case letters, digits and "
-            "_, starting with a letter or _ (role, slot and setting names derive from it)"
+            f"invalid schema name '{shown}'; use 1-40 lower-case letters, digits and _, "
+            "starting with a letter or _ (role, slot and setting names derive from it)"
         )
     if value.startswith("pg_") or value in _SYSTEM_SCHEMAS or value == "public":
         raise _refuse(
@@ -248,9 +258,9 @@ def _slot_name_value(value: object) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _SLOT_NAME.match(value):
+        shown = _scalar_text(value, "a slot name")
         raise _refuse(
-            f"invalid replication slot name '{_plain(value)}'; use 1-63 lower-case "
-            "letters, digits and _"
+            f"invalid replication slot name '{shown}'; use 1-63 lower-case letters, digits and _"
         )
     return value
 
@@ -259,7 +269,8 @@ def _version_value(value: object) -> Literal[1]:
     # bool is an int in Python: `version: true` must not pass as version 1.
     if type(value) is int and value == 1:
         return 1
-    raise _refuse(f"unsupported version '{_plain(value)}'; this cdc-audit reads version: 1")
+    shown = _scalar_text(value, "version: 1")
+    raise _refuse(f"unsupported version '{shown}'; this cdc-audit reads version: 1")
 
 
 def _cron_value(value: object) -> str | None:
@@ -463,7 +474,10 @@ class Policy(_Model):
         return self
 
     def requirements(self, stream: str) -> tuple[list[str], str]:
-        """(required context fields, on_missing) for `stream`: its own, else the global."""
+        """(required context fields, on_missing) for `stream`: its own, else the global.
+
+        Raises KeyError for a stream the policy does not define.
+        """
         own = self.streams[stream]
         require = own.require if own.require is not None else self.context.require
         on_missing = own.on_missing if own.on_missing is not None else self.context.on_missing
@@ -478,23 +492,26 @@ _DEFAULTED = frozenset({"context", "tables", "checkpoints", "jobs", "ddl", "app_
 
 @dataclass
 class _TableFacts:
+    """What the cross-field rules need to know about one `tables` entry."""
+
     index: int
     line: int | None
     table: TableName | None
-    stream: object
     exclude: set[str] = field(default_factory=set)
     redact: list[tuple[str, str]] = field(default_factory=list)  # (as written, exact)
 
 
 @dataclass
 class _Facts:
+    """The cross-field view of a policy, from a validated model or from raw YAML."""
+
     schema: str | None
     streams: list[str] | None
-    refs: list[tuple[YamlPath, object]]
+    refs: list[tuple[YamlPath, object]]  # where a stream is named, and the name given
     tables: list[_TableFacts]
 
 
-def _try(parse: Any, value: object) -> Any:
+def _try(parse: Callable[[str], _T], value: object) -> _T | None:
     """Best-effort parse for cross-field checks; the field's own check reports failures."""
     if not isinstance(value, str):
         return None
@@ -506,31 +523,13 @@ def _try(parse: Any, value: object) -> Any:
 
 def _raw_facts(data: Mapping[str, Any], doc: YamlDocument) -> _Facts:
     streams = data.get("streams")
-    refs: list[tuple[YamlPath, object]] = []
-    tables: list[_TableFacts] = []
     raw_tables = data.get("tables")
-    for index, entry in enumerate(raw_tables if isinstance(raw_tables, list) else []):
-        if not isinstance(entry, dict):
-            continue
-        if "stream" in entry:
-            refs.append((("tables", index, "stream"), entry["stream"]))
-        facts = _TableFacts(
-            index,
-            doc.line_of(("tables", index)),
-            _try(parse_table_name, entry.get("table")),
-            entry.get("stream"),
-        )
-        exclude = entry.get("exclude")
-        for name in exclude if isinstance(exclude, list) else []:
-            exact = _try(parse_column_name, name)
-            if exact is not None:
-                facts.exclude.add(exact)
-        redact = entry.get("redact")
-        for key in redact if isinstance(redact, dict) else {}:
-            exact = _try(parse_column_name, key)
-            if exact is not None:
-                facts.redact.append((key, exact))
-        tables.append(facts)
+    entries = list(enumerate(raw_tables)) if isinstance(raw_tables, list) else []
+    refs: list[tuple[YamlPath, object]] = [
+        (("tables", index, "stream"), entry["stream"])
+        for index, entry in entries
+        if isinstance(entry, dict) and "stream" in entry
+    ]
     for section in ("ddl", "app_events"):
         ref = data.get(section)
         if isinstance(ref, dict) and "stream" in ref:
@@ -540,8 +539,29 @@ def _raw_facts(data: Mapping[str, Any], doc: YamlDocument) -> _Facts:
         schema=schema if isinstance(schema, str) else None,
         streams=list(streams) if isinstance(streams, dict) and streams else None,
         refs=refs,
-        tables=tables,
+        tables=[
+            _raw_table_facts(index, entry, doc)
+            for index, entry in entries
+            if isinstance(entry, dict)
+        ],
     )
+
+
+def _raw_table_facts(index: int, entry: Mapping[str, Any], doc: YamlDocument) -> _TableFacts:
+    facts = _TableFacts(
+        index, doc.line_of(("tables", index)), _try(parse_table_name, entry.get("table"))
+    )
+    exclude = entry.get("exclude")
+    for name in exclude if isinstance(exclude, list) else []:
+        exact = _try(parse_column_name, name)
+        if exact is not None:
+            facts.exclude.add(exact)
+    redact = entry.get("redact")
+    for key in redact if isinstance(redact, dict) else {}:
+        exact = _try(parse_column_name, key)
+        if exact is not None:
+            facts.redact.append((key, exact))
+    return facts
 
 
 def _model_facts(policy: Policy) -> _Facts:
@@ -553,7 +573,7 @@ def _model_facts(policy: Policy) -> _Facts:
     if policy.app_events is not None:
         refs.append((("app_events", "stream"), policy.app_events.stream))
     tables = [
-        _TableFacts(i, t.line, t.table, t.stream, set(t.exclude), [(c, c) for c in t.redact])
+        _TableFacts(i, t.line, t.table, set(t.exclude), [(c, c) for c in t.redact])
         for i, t in enumerate(policy.tables)
     ]
     return _Facts(policy.schema_name, list(policy.streams), refs, tables)
@@ -564,26 +584,33 @@ _Found = tuple[YamlPath, str, bool]
 
 
 def _check_facts(facts: _Facts) -> list[_Found]:
-    found: list[_Found] = []
-    if facts.streams is not None:
-        defined = ", ".join(sorted(facts.streams))
-        for path, name in facts.refs:
-            if isinstance(name, str) and name not in facts.streams:
-                message = f"unknown stream '{name}'; defined streams: {defined}"
-                found.append((path, message + _suggest(name, facts.streams), False))
+    """Rules that span fields: stream references, duplicates, column conflicts."""
+    found = _unknown_streams(facts)
     found.extend(_duplicate_tables(facts.tables))
     for table in facts.tables:
         found.extend(_column_conflicts(table))
         if table.table is not None and table.table.schema == facts.schema:
-            found.append(
-                (
-                    ("tables", table.index, "table"),
-                    f"{table.table.qualified()} is in the audit schema itself; "
-                    "the trail cannot audit its own tables",
-                    False,
-                )
+            message = (
+                f"{table.table.qualified()} is in the audit schema itself; "
+                "the trail cannot audit its own tables"
             )
+            found.append((("tables", table.index, "table"), message, False))
     return found
+
+
+def _unknown_streams(facts: _Facts) -> list[_Found]:
+    if facts.streams is None:
+        return []  # no usable streams: that is reported on its own
+    defined = ", ".join(sorted(facts.streams))
+    return [
+        (
+            path,
+            f"unknown stream '{name}'; defined streams: {defined}" + _suggest(name, facts.streams),
+            False,
+        )
+        for path, name in facts.refs
+        if isinstance(name, str) and name not in facts.streams
+    ]
 
 
 def _where(table: _TableFacts) -> str:
@@ -740,9 +767,7 @@ class _Translator:
         if kind == "extra_forbidden":
             return self.unknown_key(path)
         if kind == "literal_error":
-            expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-            shown = f"{self.shown(path, value)} is not one of {', '.join(expected)}"
-            return shown + _suggest(str(value), expected)
+            return self.not_one_of(path, value, str(ctx.get("expected", "")))
         if kind in ("model_type", "model_attributes_type", "dict_type"):
             model = _model_at(path)
             keys = f" (keys: {', '.join(_valid_keys(model))})" if model else ""
@@ -753,6 +778,13 @@ class _Translator:
             return f"{_TYPE_MESSAGES[kind]}, got {self.described(path, value)}"
         return str(detail["msg"])  # rare types: pydantic's own wording is clear enough
 
+    def not_one_of(self, path: YamlPath, value: object, expected_text: str) -> str:
+        expected = re.findall(r"'([^']*)'", expected_text)
+        text = self.doc.text_of(path)
+        if text is None or value is None:
+            return f"expected one of {', '.join(expected)}, got {_describe(value)}"
+        return f"'{text}' is not one of {', '.join(expected)}" + _suggest(text, expected)
+
     def unknown_key(self, path: YamlPath) -> str:
         model = _model_at(path[:-1])
         keys = _valid_keys(model) if model else []
@@ -760,9 +792,10 @@ class _Translator:
         return f"unknown key '{name}'; valid keys: {', '.join(keys)}" + _suggest(name, keys)
 
     def described(self, path: YamlPath, value: object) -> str:
+        """What was found, with the text as written when YAML typed it differently."""
         text = self.doc.text_of(path)
-        if text is not None and not isinstance(value, str):
-            return f"{_describe(value)} ('{text}')" if value is not None else "an empty value"
+        if text is not None and value is not None and text != _plain(value):
+            return f"{_describe(value)} ('{text}')"
         return _describe(value)
 
 

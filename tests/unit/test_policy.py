@@ -745,7 +745,7 @@ _DESIGN_DATA = yaml.safe_load((POLICIES / "design_example.yaml").read_text())
 _DESIGN_PATHS = _paths(_DESIGN_DATA)[1:]
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(_DESIGN_PATHS), _DOCUMENTS), min_size=1, max_size=3))
 def test_a_valid_policy_with_values_swapped_out_never_crashes(
     swaps: list[tuple[tuple[object, ...], object]],
