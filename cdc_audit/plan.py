@@ -64,7 +64,9 @@ class Plan:
 
 def _render_step(step: Step, conn: Connection[TupleRow] | None) -> str:
     lines = [f"-- {step.description}"]
-    lines.extend(statement.as_string(conn).strip() + ";" for statement in step.statements)
+    lines.extend(
+        statement.as_string(conn).strip().rstrip(";") + ";" for statement in step.statements
+    )
     return "\n".join(lines)
 
 

@@ -177,7 +177,7 @@ def _mark_line(error: yaml.MarkedYAMLError) -> int | None:
 def _syntax_message(error: yaml.MarkedYAMLError) -> str:
     problem = error.problem or "syntax error"
     if "'\\t'" in problem:
-        return "invalid YAML: a tab character is used for indentation; indent with spaces"
+        return "invalid YAML: a tab character where YAML needs spaces; indent with spaces"
     if "expected a single document" in (error.context or ""):
         return "the file holds more than one YAML document ('---'); keep a single policy"
     context = f" ({error.context})" if error.context else ""

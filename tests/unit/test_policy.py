@@ -530,7 +530,7 @@ def test_duplicate_tables_name_both_lines() -> None:
     [
         ("", 1, "the policy file is empty"),
         ("# only a comment\n", 1, "the policy file is empty"),
-        ("version: 1\nstreams:\n\tuser: {}\n", 3, "tab character is used for indentation"),
+        ("version: 1\nstreams:\n\tuser: {}\n", 3, "a tab character where YAML needs spaces"),
         ("version: 1\nstreams: [\n", 3, "invalid YAML"),
         ("version: 1\nstreams: {user: {}\n", 3, "invalid YAML"),
         ("version: 1\n  streams: {}\n", 2, "invalid YAML"),
