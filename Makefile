@@ -39,6 +39,9 @@ integration: venv postgres ## integration tests against a throwaway PostgreSQL
 test: venv postgres lint ## everything CI runs: lint, types, unit and integration tests
 	$(VENV)/bin/pytest -q
 
+demo: venv postgres ## the main job end to end on a private, throwaway PostgreSQL
+	$(PY) -m cdc_audit.demo
+
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
 	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q
 

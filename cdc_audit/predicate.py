@@ -380,16 +380,31 @@ def _first_line(error: Exception) -> str:
 def _check_tokens(text: str, tokens: list[Token]) -> None:
     """Refuse comments and lexical constructs the grammar walk could not see."""
     previous_end = 0
-    for token in tokens:
+    for index, token in enumerate(tokens):
         gap = text[previous_end : token.start]
         if token.comments or gap.strip(_SPACE):
             raise _Refused("comments are not allowed")
         refusal = _TOKEN_REFUSALS.get(token.token_type)
         if refusal is not None:
             raise _Refused(refusal)
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if following is not None and following.token_type == TokenType.L_PAREN:
+            _check_function_name(token)
         previous_end = token.end + 1
     if text[previous_end:].strip(_SPACE):
         raise _Refused("comments are not allowed")
+
+
+def _check_function_name(token: Token) -> None:
+    """Check a call by the name as written: sqlglot maps foreign names (ifnull, lcase,
+    ltrim) onto allowed nodes, which would accept functions PostgreSQL does not have."""
+    name = token.text.lower()
+    if token.token_type == TokenType.VAR and name not in (*ALLOWED_FUNCTIONS, "cast"):
+        raise _Refused(_function_refusal(name))
+
+
+def _function_refusal(name: str) -> str:
+    return f"function {name}() is not allowed; allowed functions: " + ", ".join(ALLOWED_FUNCTIONS)
 
 
 def _walk(node: exp.Expr) -> Iterator[exp.Expr]:
@@ -439,9 +454,7 @@ def _describe_refused(node: exp.Expr) -> str:
         return "only plain 'text' string literals are allowed (no E'', U&'' or $$ strings)"
     if isinstance(node, exp.Func):
         name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
-        return f"function {name.lower()}() is not allowed; allowed functions: " + ", ".join(
-            ALLOWED_FUNCTIONS
-        )
+        return _function_refusal(name.lower())
     if isinstance(node, exp.Alias):
         return "unexpected text after the expression (missing operator or quotes?)"
     if node.parent is None and not isinstance(node, exp.Condition):
