@@ -19,9 +19,17 @@ import psycopg
 from . import installer, status
 from .ephemeral import EphemeralCluster
 from .names import InstallNames
-from .pgoutput import Begin, Commit, Delete, Insert, LogicalMessage, RelationCache, Update
+from .pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    RelationCache,
+    Update,
+    decode_message,
+)
 from .pgoutput import Relation as RelationMessage
-from .pgoutput import decode_message
 from .policy import load_policy
 
 POLICY = """\
@@ -49,7 +57,8 @@ WORKLOAD = """\
 \\set delta random(-5000, 5000)
 \\set actor random(1, 12)
 BEGIN;
-SELECT cdc_audit.set_context(actor_id => 'user-' || :actor, reason => 'transfer', trace_id => 'trace-' || :aid);
+SELECT cdc_audit.set_context(actor_id => 'user-' || :actor, reason => 'transfer',
+                             trace_id => 'trace-' || :aid);
 UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
 UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
 INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, now());
