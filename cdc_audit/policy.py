@@ -396,6 +396,11 @@ class TablePolicy(_Model):
     @field_validator("operations")
     @classmethod
     def _canonical_operations(cls, value: tuple[Operation, ...]) -> tuple[Operation, ...]:
+        if not value:
+            raise _refuse(
+                "list at least one of insert, update, delete, truncate "
+                "(leave operations out to audit all four)"
+            )
         # A stable order keeps the generated publication and triggers deterministic.
         return tuple(op for op in OPERATIONS if op in value)
 
@@ -858,6 +863,11 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     data = doc.data if isinstance(doc.data, dict) else {}
     for path, message, on_key in _check_facts(_raw_facts(data, doc)):
         problems.append(translator.problem(path, message, on_key))
+    if "schema_name" in data:
+        # The Python field name is accepted by the model, but the file's key is `schema`.
+        problems.append(
+            translator.problem(("schema_name",), translator.unknown_key(("schema_name",)), True)
+        )
     policy: Policy | None = None
     try:
         policy = Policy.model_validate(doc.data, context={_FROM_FILE: True})

@@ -396,8 +396,11 @@ def _check_tokens(text: str, tokens: list[Token]) -> None:
 
 
 def _check_function_name(token: Token) -> None:
-    """Check a call by the name as written: sqlglot maps foreign names (ifnull, lcase,
-    ltrim) onto allowed nodes, which would accept functions PostgreSQL does not have."""
+    """Check a function call by the name as written.
+
+    sqlglot maps foreign names (ifnull, lcase, ltrim) onto allowed nodes; without this check
+    they would be accepted although PostgreSQL has no such functions.
+    """
     name = token.text.lower()
     if token.token_type == TokenType.VAR and name not in (*ALLOWED_FUNCTIONS, "cast"):
         raise _Refused(_function_refusal(name))
@@ -436,6 +439,10 @@ def _check_tree(tree: exp.Expr, table: TableName | None) -> set[str]:
             _check_cast(node)
         elif isinstance(node, exp.Escape) and not isinstance(node.this, (exp.Like, exp.ILike)):
             raise _Refused("ESCAPE belongs to a LIKE or ILIKE")
+        elif isinstance(node, (exp.DataType, exp.DataTypeParam)) and not isinstance(
+            node.parent, (exp.Cast, exp.DataType)
+        ):
+            raise _Refused("a type name is only allowed in a cast")
     return columns
 
 
@@ -459,9 +466,12 @@ def _describe_refused(node: exp.Expr) -> str:
         return "unexpected text after the expression (missing operator or quotes?)"
     if node.parent is None and not isinstance(node, exp.Condition):
         return "only a condition is allowed, not a SQL statement"
-    label = type(node).__name__
+    try:
+        label = f"{type(node).__name__} ({node.sql(dialect='postgres')[:40]})"
+    except Exception:  # generating SQL for an odd node can fail; the type name will do
+        label = type(node).__name__
     return (
-        f"{label} ({node.sql(dialect='postgres')[:40]}) is not allowed; use columns, "
+        f"{label} is not allowed; use columns, "
         "literals, comparisons, AND/OR/NOT, IS [NOT] NULL, IN (...), BETWEEN, LIKE/ILIKE, "
         "arithmetic, casts and the functions " + ", ".join(ALLOWED_FUNCTIONS)
     )
@@ -619,8 +629,8 @@ def _shape(node: object) -> object:
 def _check_round_trip(tree: exp.Expr, sql: str) -> None:
     """The generated SQL must read back as the same tree, or it would not mean the same."""
     try:
-        again = sqlglot.parse(sql, read="postgres")
-    except SqlglotError:
+        again = _sqlglot(lambda: sqlglot.parse(sql, read="postgres"))
+    except _Refused:
         again = []
     if len(again) != 1 or again[0] is None or _shape(again[0]) != _shape(tree):
         raise _Refused("it cannot be rewritten safely; simplify it")

@@ -200,6 +200,7 @@ class ReplicationStream:
                 conn.execute(
                     sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
                 )
+            # Fails unless this really is a walsender session (a proxy may drop the option).
             conn.execute("IDENTIFY_SYSTEM")
             row = conn.execute(
                 sql.SQL(

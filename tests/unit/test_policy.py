@@ -271,6 +271,13 @@ def test_bad_durations(text: str, message: str) -> None:
             id="operation-block-list",
         ),
         pytest.param(
+            MINIMAL + "tables:\n  - {table: t, stream: user, operations: []}\n",
+            5,
+            "tables[0].operations",
+            "list at least one of insert, update, delete, truncate",
+            id="no-operations",
+        ),
+        pytest.param(
             MINIMAL + "tables:\n  - stream: user\n    old_values: full\n",
             5,
             "tables[0].table",
@@ -493,6 +500,13 @@ def test_bad_durations(text: str, message: str) -> None:
             "app_events.sign",
             "unknown key 'sign'; valid keys: stream",
             id="app-events-key",
+        ),
+        pytest.param(
+            MINIMAL + "schema_name: audit\n",
+            4,
+            "schema_name",
+            "unknown key 'schema_name'; valid keys: version, schema,",
+            id="field-name-is-not-a-file-key",
         ),
         pytest.param(
             MINIMAL + "retention: 7y\n",
