@@ -166,7 +166,16 @@ def uninstall(
                 installed = catalog.read_installed(conn, names, recorded_slot=True)
                 names = installed.names
                 catalog.read_tables(conn, installed, set())
-                if not installed.schema_exists and installed.slot is None:
+                if not drop_data and not _capture_installed(installed):
+                    raise NotInstalled(
+                        f"cdc-audit capture is not installed in schema {schema}"
+                        + (
+                            " (its trail is kept; --drop-data removes it)"
+                            if installed.schema_exists
+                            else ""
+                        )
+                    )
+                if drop_data and not installed.schema_exists and installed.slot is None:
                     raise NotInstalled(f"cdc-audit is not installed in schema {schema}")
                 if installed.slot is not None and installed.slot.active:
                     raise DatabaseError(
@@ -186,6 +195,16 @@ def uninstall(
         except psycopg.Error as exc:
             raise database_error(exc, "uninstall") from exc
     return built
+
+
+def _capture_installed(installed: Installed) -> bool:
+    return bool(
+        installed.audited
+        or installed.slot is not None
+        or installed.publication_exists
+        or installed.event_triggers
+        or "runtime_sha256" in installed.settings
+    )
 
 
 def _drop_roles(

@@ -193,6 +193,10 @@ def test_uninstall_keeps_the_trail_and_drop_data_removes_it(
         is None
     )
 
+    again = run_cli("--dsn", db.dsn, "uninstall", "--policy", str(policy))
+    assert again.returncode == 3
+    assert "capture is not installed in schema cdc_audit (its trail is kept" in again.stderr
+
     assert apply(db, policy).plan.steps, "a later apply reinstalls the capture"
     result = run_cli("--dsn", db.dsn, "uninstall", "--drop-data", "--schema", "cdc_audit")
     assert result.returncode == 0, result.stderr
