@@ -103,7 +103,7 @@ class DraftEvent:
     row_key: JsonObject | None = None
     old: JsonObject | None = None
     new: JsonObject | None = None
-    changed: list[str] | None = None
+    changed: tuple[str, ...] | None = None
     actor_id: str | None = None
     reason: str | None = None
     context: JsonObject | None = None
@@ -154,7 +154,7 @@ def _header(draft: DraftEvent, seq: int, payload_hash_hex: str) -> JsonObject:
         "commit_lsn": None if lsn is None else format_lsn(lsn),
         "commit_time": format_commit_time(draft.commit_time),
         "context_missing": draft.context_missing,
-        "event_id": str(draft.event_id),
+        "event_id": _uuid_text(draft.event_id),
         "kind": draft.kind,
         "payload_hash": payload_hash_hex,
         "schema_name": draft.schema_name,
@@ -163,6 +163,12 @@ def _header(draft: DraftEvent, seq: int, payload_hash_hex: str) -> JsonObject:
         "table_name": draft.table_name,
         "xid": draft.xid,
     }
+
+
+def _uuid_text(value: uuid.UUID) -> str:
+    """str(value), about three times faster (it is on the per-event path)."""
+    h = f"{value.int:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def payload_bytes(payload: Mapping[str, JsonValue]) -> bytes:
@@ -189,7 +195,7 @@ class StreamChain:
     event's hash, as read back from the trail.
     """
 
-    __slots__ = ("head", "next_seq", "stream")
+    __slots__ = ("_commit_key", "_commit_text", "head", "next_seq", "stream")
 
     def __init__(self, stream: str, next_seq: int = 1, head: bytes = GENESIS) -> None:
         if next_seq < 1:
@@ -201,6 +207,9 @@ class StreamChain:
         self.stream = stream
         self.next_seq = next_seq
         self.head = head
+        # Every event of a transaction has the same commit LSN and time: format them once.
+        self._commit_key: tuple[int | None, datetime] | None = None
+        self._commit_text: tuple[str | None, str] = (None, "")
 
     def seal(self, draft: DraftEvent) -> SealedEvent:
         """Give `draft` the next seq, link it to the head and advance the head."""
@@ -209,12 +218,36 @@ class StreamChain:
         seq = self.next_seq
         prev = self.head
         digest = hashlib.sha256(canonical_bytes(draft.payload())).digest()
-        header = canonical_bytes(_header(draft, seq, digest.hex()))
+        lsn_text, time_text = self._commit_texts(draft)
+        header = canonical_bytes(
+            {
+                "commit_lsn": lsn_text,
+                "commit_time": time_text,
+                "context_missing": draft.context_missing,
+                "event_id": _uuid_text(draft.event_id),
+                "kind": draft.kind,
+                "payload_hash": digest.hex(),
+                "schema_name": draft.schema_name,
+                "seq": seq,
+                "stream": draft.stream,
+                "table_name": draft.table_name,
+                "xid": draft.xid,
+            }
+        )
         new_head = hashlib.sha256(prev + header).digest()
         # Advance only once everything above succeeded: a refused draft leaves no gap.
         self.next_seq = seq + 1
         self.head = new_head
         return SealedEvent(draft, seq, prev, digest, new_head)
+
+    def _commit_texts(self, draft: DraftEvent) -> tuple[str | None, str]:
+        key = (draft.commit_lsn, draft.commit_time)
+        if key != self._commit_key:
+            lsn = draft.commit_lsn
+            lsn_text = None if lsn is None else format_lsn(lsn)
+            self._commit_text = (lsn_text, format_commit_time(draft.commit_time))
+            self._commit_key = key
+        return self._commit_text
 
 
 # ------------------------------------------------------------------------------ UUIDv7

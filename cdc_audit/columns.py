@@ -52,7 +52,7 @@ class ShapedChange:
     row_key: JsonObject | None
     old: JsonObject | None
     new: JsonObject | None
-    changed: list[str] | None = None
+    changed: tuple[str, ...] | None = None
     unchanged_toast: frozenset[str] = field(default_factory=frozenset)
     only_excluded: bool = False
 
@@ -140,11 +140,15 @@ class RowShaper:
                 continue
             changed.append(kept.name)
             new_row[kept.name] = None if after is None else kept.transform(after)
-        changed.sort()
         only_excluded = not changed and self._excluded_changed(old, new)
         old_stored = old_row if self._old_values == "full" else self._key_only(old_row)
         return ShapedChange(
-            self._row_key(new_row), old_stored, new_row, changed, frozenset(missing), only_excluded
+            self._row_key(new_row),
+            old_stored,
+            new_row,
+            tuple(sorted(changed)),
+            frozenset(missing),
+            only_excluded,
         )
 
     # ---- helpers
