@@ -27,6 +27,7 @@ from typing import Final
 from cdc_audit.canonical import JsonValue
 from cdc_audit.chain import DraftEvent, Uuid7Generator
 from cdc_audit.columns import RowShaper, ShapedChange
+from cdc_audit.context import CONTEXT_FIELDS
 from cdc_audit.errors import CdcAuditError
 from cdc_audit.pgoutput import (
     Begin,
@@ -58,20 +59,7 @@ _APP_FIELDS: Final = ("action", "resource", "outcome", "details")
 # Keys of app and DDL messages that describe who acted and how (stored in `context`): what
 # log_event and the DDL triggers copy from the session context and the database, and whether
 # an app event was emitted to survive a rollback.
-_CONTEXT_KEYS: Final = frozenset(
-    {
-        "actor_id",
-        "actor_role",
-        "reason",
-        "on_behalf_of",
-        "session_id",
-        "client_ip",
-        "trace_id",
-        "extra",
-        "db",
-        "durable",
-    }
-)
+_CONTEXT_KEYS: Final = frozenset({*CONTEXT_FIELDS, "extra", "db", "durable"})
 
 
 class AssemblyError(CdcAuditError):

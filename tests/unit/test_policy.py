@@ -774,3 +774,10 @@ def test_a_valid_policy_with_values_swapped_out_never_crashes(
         except (KeyError, IndexError, TypeError):
             continue  # an earlier swap removed this path
     _only_policy_or_policy_error(yaml.safe_dump(data, allow_unicode=True))
+
+
+def test_context_fields_agree_between_policy_and_application_helper() -> None:
+    from cdc_audit.context import CONTEXT_FIELDS as HELPER_FIELDS
+    from cdc_audit.policy import CONTEXT_FIELDS as POLICY_FIELDS
+
+    assert HELPER_FIELDS == POLICY_FIELDS
