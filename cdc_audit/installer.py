@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from . import __version__, catalog, plan, sqlfiles
+from . import __version__, catalog, plan
 from .catalog import Installed
 from .db import connect, database_error
 from .errors import DatabaseError, InvalidInput, NotInstalled
@@ -36,6 +36,13 @@ def _require_superuser(conn: psycopg.Connection[TupleRow]) -> None:
         raise InvalidInput(
             "apply and uninstall need a superuser (event triggers and the emit privilege demand it)"
         )
+
+
+def _run(conn: psycopg.Connection[TupleRow], steps: list[plan.Step], progress: Progress) -> None:
+    for step in steps:
+        progress(step.description)
+        for statement in step.statements:
+            conn.execute(statement)
 
 
 def read_state(
@@ -74,14 +81,8 @@ def apply(
             with conn.transaction():
                 _lock(conn, plan.policy_names(loaded.policy, conn.info.dbname))
                 computed = compute_plan(conn, loaded, target_migration)
-                for step in computed.in_transaction():
-                    progress(step.description)
-                    for statement in step.statements:
-                        conn.execute(statement)
-            for step in computed.after_commit():
-                progress(step.description)
-                for statement in step.statements:
-                    conn.execute(statement)
+                _run(conn, computed.in_transaction(), progress)
+            _run(conn, computed.after_commit(), progress)
         except psycopg.Error as exc:
             raise database_error(exc, "apply") from exc
         names = plan.policy_names(loaded.policy, conn.info.dbname)
@@ -98,13 +99,7 @@ def build_uninstall_plan(installed: Installed, drop_data: bool) -> plan.Plan:
             "event triggers",
             *plan.drop_event_trigger_statements(installed.event_triggers),
         )
-    for key, audited in sorted(installed.audited.items()):
-        builder.add(
-            "release_table",
-            sql.Identifier(*key).as_string(),
-            f"stop auditing {sql.Identifier(*key).as_string()}",
-            *plan.release_statements(installed, key, audited.original_replica_identity),
-        )
+    plan.plan_released_tables(builder, installed, wanted=set())
     if installed.publication_exists:
         builder.add(
             "drop_publication",
@@ -182,14 +177,8 @@ def uninstall(
                         f"replication slot {names.slot} is in use: stop the worker first"
                     )
                 built = build_uninstall_plan(installed, drop_data)
-                for step in built.in_transaction():
-                    progress(step.description)
-                    for statement in step.statements:
-                        conn.execute(statement)
-            for step in built.after_commit():
-                progress(step.description)
-                for statement in step.statements:
-                    conn.execute(statement)
+                _run(conn, built.in_transaction(), progress)
+            _run(conn, built.after_commit(), progress)
             if drop_data:
                 _drop_roles(conn, names, progress)
         except psycopg.Error as exc:
@@ -218,7 +207,3 @@ def _drop_roles(
             progress(f"dropped role {role}")
         except psycopg.errors.DependentObjectsStillExist:
             progress(f"kept role {role}: another database still uses it")
-
-
-def migration_version() -> int:
-    return sqlfiles.migrations()[-1].version

@@ -239,7 +239,7 @@ def build_apply_plan(
     migrated = _plan_foundation(builder, installed, target_migration)
     _plan_runtime(builder, installed)
     _plan_publication(builder, installed)
-    _plan_released_tables(builder, installed, {t.key for t in targets})
+    plan_released_tables(builder, installed, {t.key for t in targets})
     for target in targets:
         _plan_table(builder, installed, target)
     _plan_event_triggers(builder, installed, want=policy.ddl is not None)
@@ -453,9 +453,7 @@ def _remember_table(names: InstallNames, target: TableTarget) -> Statement:
     )
 
 
-def _plan_released_tables(
-    builder: PlanBuilder, installed: Installed, wanted: set[TableKey]
-) -> None:
+def plan_released_tables(builder: PlanBuilder, installed: Installed, wanted: set[TableKey]) -> None:
     for key, audited in sorted(installed.audited.items()):
         if key in wanted:
             continue
@@ -505,9 +503,7 @@ def _plan_event_triggers(builder: PlanBuilder, installed: Installed, want: bool)
     names = installed.names
     present = installed.event_triggers
     if want and present != {names.ddl_event_trigger, names.drop_event_trigger}:
-        drops = [
-            sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(t)) for t in present
-        ]
+        drops = drop_event_trigger_statements(present)
         builder.add(
             "event_triggers",
             names.ddl_event_trigger,
