@@ -111,18 +111,34 @@ class TransactionAssembler:
         clock: Callable[[], datetime] | None = None,
         new_id: Callable[[], uuid.UUID] | None = None,
     ) -> None:
-        self._policy = policy
         self._redaction_key = redaction_key
         self._key_columns = key_columns
         self._clock = clock if clock is not None else _utc_now
         self._new_id = new_id if new_id is not None else Uuid7Generator()
-        self._tables = {(t.table.schema, t.table.name): t for t in policy.tables}
+        self._announced: dict[int, Relation] = {}
         self._relations: dict[int, _Audited | None] = {}
         self._txn: _Transaction | None = None
+        self.set_policy(policy)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Seal what follows with `policy` (same schema), re-shaping the known relations.
+
+        The server announces a relation once per session and again only when its shape
+        changes, so the relations already seen are re-read under the new column rules.
+        """
+        self._policy = policy
+        self._tables = {(t.table.schema, t.table.name): t for t in policy.tables}
         schema = policy.schema_name
         self._prefix_ctx = f"{schema}.ctx"
         self._prefix_app = f"{schema}.app"
         self._prefix_ddl = f"{schema}.ddl"
+        self._relations.clear()
+        for relation in self._announced.values():
+            self._relation(relation)
 
     @property
     def in_transaction(self) -> bool:
@@ -160,6 +176,7 @@ class TransactionAssembler:
         self._txn = None
 
     def _relation(self, relation: Relation) -> None:
+        self._announced[relation.oid] = relation
         table = self._tables.get((relation.namespace, relation.name))
         if table is None:
             self._relations[relation.oid] = None

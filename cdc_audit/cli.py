@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from pydantic import ValidationError
 
-from . import __version__, installer, status
+from . import __version__, installer, logs, status
 from .db import connect
 from .errors import CdcAuditError, InvalidInput
 from .names import InstallNames
 from .policy import LoadedPolicy, load_policy
 from .settings import Settings
+from .worker import Worker, WorkerOptions, install_signal_handlers
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -106,6 +108,38 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report["installed"] else 3
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = _dsn(args, settings)
+    if not dsn:
+        raise InvalidInput("no database given: use --dsn or set CDC_AUDIT_DSN")
+    options = WorkerOptions(schema=_schema(args, settings), drain=args.drain)
+    logs.configure()
+    stop = threading.Event()
+    restore = install_signal_handlers(stop)
+    try:
+        return Worker(dsn, options, _redaction_key(settings), stop).run()
+    finally:
+        restore()
+
+
+def _redaction_key(settings: Settings) -> bytes | None:
+    path = settings.redaction_key_file
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise InvalidInput(
+            f"CDC_AUDIT_REDACTION_KEY_FILE: cannot read {path}: {exc.strerror}"
+        ) from None
+    if len(key) < 16:
+        raise InvalidInput(
+            f"CDC_AUDIT_REDACTION_KEY_FILE: {path} holds {len(key)} bytes; use at least 16"
+            " random bytes (for instance: head -c 32 /dev/urandom | base64)"
+        )
+    return key
+
+
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--dsn", default=default, help="libpq connection string (CDC_AUDIT_DSN)")
@@ -138,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = command("status", cmd_status, "installation, policy, tables, slot and lag")
     status_cmd.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
     status_cmd.add_argument("--format", choices=("text", "json"), default="text")
+    worker = command("worker", cmd_worker, "seal the replication stream into the trail")
+    worker.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    worker.add_argument(
+        "--drain",
+        action="store_true",
+        help="seal everything committed before the worker started, then exit 0",
+    )
     return parser
 
 

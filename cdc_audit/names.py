@@ -69,6 +69,7 @@ class InstallNames:
             "msg_ctx": sql.Literal(self.message_prefix("ctx")),
             "msg_app": sql.Literal(self.message_prefix("app")),
             "msg_ddl": sql.Literal(self.message_prefix("ddl")),
+            "msg_mark": sql.Literal(self.message_prefix("mark")),
             "app_stream": sql.SQL("{}::text").format(sql.Literal(app_stream)),
         }
         for suffix, role in self.roles.items():

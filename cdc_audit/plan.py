@@ -553,6 +553,11 @@ def _plan_record(builder: PlanBuilder, loaded: LoadedPolicy, target: int | None)
             "INSERT INTO {}.install_setting (key, value) VALUES ('slot_name', {})"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         ).format(sql.Identifier(names.schema), sql.Literal(names.slot)),
+        # Tells a running worker, at this exact point of the stream, to seal with this version.
+        sql.SQL(
+            "SELECT pg_logical_emit_message(true, {},"
+            " (SELECT max(id)::text FROM {}.policy_version))"
+        ).format(sql.Literal(names.message_prefix("policy")), sql.Identifier(names.schema)),
     )
 
 

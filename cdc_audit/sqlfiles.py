@@ -62,5 +62,6 @@ RUNTIME_FILES = (
     "runtime/app_events.sql",
     "runtime/ddl.sql",
     "runtime/partitions.sql",
+    "runtime/worker.sql",
     "runtime/grants.sql",
 )

@@ -14,10 +14,14 @@ Rules (`converter_for` picks one per column once; `convert` is the one-off form)
   shortest text that round-trips.
 - bool: true/false.
 - json, jsonb: parsed into JSON values with numbers kept exactly: integers within +-(2**53 - 1)
-  become ints, every other number a `JsonNumber` holding the digits PostgreSQL printed (so
-  2.50 stays 2.50). A json value with duplicate object keys (json, unlike jsonb, keeps them) or
-  an invalid Unicode escape, and any value nesting deeper than `MAX_JSON_DEPTH`, is kept as
-  its text, since parsing it would lose or break something.
+  become ints, every other number a `JsonNumber` holding its digits in the form PostgreSQL's
+  numeric prints them (2.50 stays 2.50; 1e5 becomes 100000, 1.0E-3 becomes 0.0010 and -0
+  becomes 0, as a json value turns when stored in jsonb), so that the trail's jsonb columns
+  give back exactly the value that was hashed. A json value with duplicate object keys (json,
+  unlike jsonb, keeps them), an invalid Unicode escape or a \u0000 escape (which jsonb
+  refuses), a number beyond numeric's range, and any value nesting deeper than
+  `MAX_JSON_DEPTH`, is kept as its text, since parsing or storing it would lose or break
+  something.
 - timestamptz: ``YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`` in UTC: a fraction only when non-zero,
   then always 6 digits. Any other offset the server printed is converted to UTC.
 - timestamp: the same without the offset. date: ``YYYY-MM-DD``.
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Final, NoReturn
 
 from cdc_audit.canonical import MAX_SAFE_INT, JsonNumber, JsonValue
@@ -86,15 +91,34 @@ def _json_int(text: str) -> int | JsonNumber:
     # more than 4300 digits: keep those as their text without converting.
     if len(text) <= 17:
         value = int(text)
-        # '-0' is not the integer 0 in the source text: keep it verbatim.
-        if -MAX_SAFE_INT <= value <= MAX_SAFE_INT and (value or text == "0"):
-            return value
+        if -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            return value  # '-0' too: numeric prints it as 0
     return _number(text)
 
 
+# numeric's limits: 131072 digits before the decimal point, 16383 after.
+_NUMERIC_MAX_WEIGHT: Final = 131071
+_NUMERIC_MAX_SCALE: Final = 16383
+
+
+class _NumberOutOfRange(ValueError):
+    """A JSON number that jsonb (PostgreSQL's numeric) cannot hold."""
+
+
 def _number(text: str) -> JsonNumber:
+    """The number as numeric prints it: what jsonb gives back after storing `text`."""
     # The json scanner has already matched the JSON number grammar that JsonNumber checks.
-    return str.__new__(JsonNumber, text)
+    if "e" not in text and "E" not in text and not text.startswith("-0"):
+        return str.__new__(JsonNumber, text)  # already in numeric's form
+    value = Decimal(text)
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)  # finite: the grammar has no NaN or Infinity
+    if value.adjusted() > _NUMERIC_MAX_WEIGHT or -exponent > _NUMERIC_MAX_SCALE:
+        raise _NumberOutOfRange(text)
+    if value.is_zero():
+        value = value.copy_abs()
+    # Fixed point with scale max(0, -exponent): numeric's display scale for this input.
+    return str.__new__(JsonNumber, format(value, "f"))
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -123,7 +147,7 @@ _JSON_DECODER: Final = json.JSONDecoder(
 def _json_value_ok(value: object, depth: int) -> bool:
     """Whether `value` nests at most MAX_JSON_DEPTH containers and has only valid strings."""
     if isinstance(value, str):
-        return value.isascii() or _encodable(value)
+        return "\x00" not in value and (value.isascii() or _encodable(value))
     if isinstance(value, dict):
         if depth >= MAX_JSON_DEPTH:
             return False
@@ -136,6 +160,8 @@ def _json_value_ok(value: object, depth: int) -> bool:
 
 
 def _encodable(text: str) -> bool:
+    if "\x00" in text:  # from a \u0000 escape: jsonb cannot store it
+        return False
     try:
         text.encode()
     except UnicodeEncodeError:  # a lone surrogate from a \ud800-style escape

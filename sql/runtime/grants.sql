@@ -13,7 +13,8 @@ GRANT SELECT ON {schema}.signing_key, {schema}.policy_version, {schema}.audited_
                 {schema}.install_setting, {schema}.schema_migration TO {writer};
 GRANT EXECUTE ON FUNCTION {schema}.ensure_event_partition(timestamptz),
                           {schema}.ensure_event_partitions(integer),
-                          {schema}.missing_event_partitions(integer) TO {writer};
+                          {schema}.missing_event_partitions(integer),
+                          {schema}.mark(text) TO {writer};
 
 -- Auditors read everything.
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {auditor};

@@ -152,14 +152,37 @@ def test_json_numbers_are_exact(name: str) -> None:
     value = convert(oid(name), text)
     assert value == {
         "a": JsonNumber("2.50"),
-        "b": [1, JsonNumber("1e5"), JsonNumber("12345678901234567890"), -9007199254740991],
-        "c": JsonNumber("-0"),
+        "b": [1, JsonNumber("100000"), JsonNumber("12345678901234567890"), -9007199254740991],
+        "c": 0,
     }
     assert isinstance(value, dict)
     assert type(value["a"]) is JsonNumber
     assert canonical_bytes(value) == (
-        b'{"a":2.50,"b":[1,1e5,12345678901234567890,-9007199254740991],"c":-0}'
+        b'{"a":2.50,"b":[1,100000,12345678901234567890,-9007199254740991],"c":0}'
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "numeric_text"),
+    [
+        ("1e5", "100000"),
+        ("1E+2", "100"),
+        ("1.0E-3", "0.0010"),
+        ("-0.5e1", "-5"),
+        ("12.345e1", "123.45"),
+        ("-0.0", "0.0"),
+        ("0.000", "0.000"),
+        ("-1.25", "-1.25"),
+    ],
+)
+def test_json_numbers_take_the_form_jsonb_stores(text: str, numeric_text: str) -> None:
+    # The trail keeps values in jsonb columns: what is hashed must be what jsonb gives back.
+    assert convert(oid("json"), f"[{text}]") == [JsonNumber(numeric_text)]
+
+
+@pytest.mark.parametrize("text", ['["a\\u0000b"]', "[1e999999]", "[1e-20000]"])
+def test_json_that_jsonb_cannot_store_stays_text(text: str) -> None:
+    assert convert(oid("json"), text) == text
 
 
 def test_json_scalars_and_strings() -> None:

@@ -22,6 +22,8 @@ CREATE SCHEMA "cdc_audit" AUTHORIZATION "cdc_audit_owner";
 
 -- audit schema migration 0002 event_indexes
 
+-- audit schema migration 0003 worker_progress
+
 -- context, application event and DDL capture functions; privileges
 
 -- monthly partitions of the trail, from last month to three months ahead
@@ -115,8 +117,9 @@ tables:
     old_values: key
 ddl: {stream: admin}
 app_events: {stream: user}
-', 2, '0.1.0');
+', 3, '0.1.0');
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('slot_name', 'cdc_audit_shop') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+SELECT pg_logical_emit_message(true, 'cdc_audit.policy', (SELECT max(id)::text FROM "cdc_audit".policy_version));
 
 COMMIT;
 

@@ -1,0 +1,289 @@
+"""The worker's side of the trail tables: chain heads, progress, and batches written by COPY.
+
+A batch is written in one transaction: the sealed events (COPY, text format built here, since
+every value is already text or canonical JSON) and the progress row that says how far the
+stream has been sealed. Either both are in the trail or neither is, which is what makes a
+restart exactly-once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdc_audit.canonical import JsonValue, canonical_bytes_checked_before
+from cdc_audit.chain import SealedEvent, StreamChain, format_commit_time
+from cdc_audit.errors import NotInstalled
+from cdc_audit.names import InstallNames
+from cdc_audit.pgoutput import format_lsn, parse_lsn
+from cdc_audit.policy import LoadedPolicy, parse_policy
+
+__all__ = ["EVENT_COLUMNS", "Progress", "TrailWriter", "copy_row"]
+
+EVENT_COLUMNS: Final = (
+    "stream",
+    "seq",
+    "event_id",
+    "commit_lsn",
+    "commit_time",
+    "xid",
+    "kind",
+    "schema_name",
+    "table_name",
+    "row_key",
+    "old",
+    "new",
+    "changed",
+    "actor_id",
+    "reason",
+    "context",
+    "context_missing",
+    "payload_hash",
+    "prev_hash",
+    "hash",
+)
+"""The columns a batch fills, in the order of `copy_row`'s fields."""
+
+_NULL: Final = b"\\N"
+# COPY text format: a backslash starts an escape; tab, newline and CR delimit.
+_COPY_ESCAPES: Final = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _text(value: str | None) -> bytes:
+    if value is None:
+        return _NULL
+    return value.translate(_COPY_ESCAPES).encode()
+
+
+def _json(value: JsonValue) -> bytes:
+    if value is None:
+        return _NULL
+    # Canonical JSON escapes every control character, so only backslashes need doubling.
+    return canonical_bytes_checked_before(value).replace(b"\\", b"\\\\")
+
+
+def _array(items: Sequence[str] | None) -> bytes:
+    if items is None:
+        return _NULL
+    quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+    return _text("{" + ",".join(quoted) + "}")
+
+
+def _bytea(value: bytes) -> bytes:
+    return b"\\\\x" + value.hex().encode()
+
+
+def copy_row(event: SealedEvent, commit_time_text: str | None = None) -> bytes:
+    """One line of COPY text format for `event`, fields in `EVENT_COLUMNS` order.
+
+    `commit_time_text` may pass the formatted commit time, shared by a whole transaction.
+    """
+    draft = event.draft
+    lsn = draft.commit_lsn
+    fields = (
+        _text(draft.stream),
+        str(event.seq).encode(),
+        str(draft.event_id).encode(),
+        _NULL if lsn is None else format_lsn(lsn).encode(),
+        (commit_time_text or format_commit_time(draft.commit_time)).encode(),
+        _NULL if draft.xid is None else str(draft.xid).encode(),
+        _text(draft.kind),
+        _text(draft.schema_name),
+        _text(draft.table_name),
+        _json(draft.row_key),
+        _json(draft.old),
+        _json(draft.new),
+        _array(draft.changed),
+        _text(draft.actor_id),
+        _text(draft.reason),
+        _json(draft.context),
+        b"t" if draft.context_missing else b"f",
+        _bytea(event.payload_hash),
+        _bytea(event.prev_hash),
+        _bytea(event.hash),
+    )
+    return b"\t".join(fields) + b"\n"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a slot's stream has been sealed (the progress row)."""
+
+    end_lsn: int = 0
+    """End LSN of the last whole transaction sealed: transactions committed before it are in."""
+    partial_lsn: int | None = None
+    """Commit LSN of a transaction sealed only in part, in batches..."""
+    partial_done: int = 0
+    """...and how many of its events (ordinals 0 to partial_done - 1) are sealed."""
+    policy_version_id: int | None = None
+    last_commit_time: datetime | None = None
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class TrailWriter:
+    """Reads chain heads and progress, and writes sealed batches, over one connection.
+
+    The connection is not in autocommit mode: `write` commits. After any error the caller
+    must discard this writer and its chains (a failed batch has advanced the heads in memory).
+    """
+
+    def __init__(self, conn: psycopg.Connection[TupleRow], names: InstallNames) -> None:
+        self.conn = conn
+        self.names = names
+        self._schema = sql.Identifier(names.schema)
+        self._chains: dict[str, StreamChain] = {}
+        self._months: set[tuple[int, int]] = set()
+        self._copy = sql.SQL("COPY {}.event ({}) FROM STDIN").format(
+            self._schema, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
+        )
+        self._identity = worker_identity()
+
+    # ---- reading what is there
+
+    def read_progress(self) -> Progress:
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT end_lsn::text, partial_lsn::text, partial_done, policy_version_id,"
+                " last_commit_time FROM {}.progress WHERE slot_name = %s"
+            ).format(self._schema),
+            (self.names.slot,),
+        ).fetchone()
+        self.conn.commit()
+        if row is None:
+            return Progress()
+        end, partial, done, policy_id, last_time = row
+        return Progress(
+            end_lsn=parse_lsn(end),
+            partial_lsn=None if partial is None else parse_lsn(partial),
+            partial_done=done or 0,
+            policy_version_id=policy_id,
+            last_commit_time=last_time,
+        )
+
+    def chain(self, stream: str) -> StreamChain:
+        """The head of `stream`, read from the trail the first time it is asked for."""
+        chain = self._chains.get(stream)
+        if chain is None:
+            row = self.conn.execute(
+                sql.SQL(
+                    "SELECT seq, hash FROM {}.event WHERE stream = %s ORDER BY seq DESC LIMIT 1"
+                ).format(self._schema),
+                (stream,),
+            ).fetchone()
+            chain = StreamChain(stream) if row is None else StreamChain(stream, row[0] + 1, row[1])
+            self._chains[stream] = chain
+        return chain
+
+    def trail_streams(self) -> list[str]:
+        """Every stream that has events (a loose index scan over the primary key)."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "WITH RECURSIVE s(stream) AS ("
+                " (SELECT stream FROM {0}.event ORDER BY stream LIMIT 1)"
+                " UNION ALL SELECT (SELECT e.stream FROM {0}.event e WHERE e.stream > s.stream"
+                " ORDER BY e.stream LIMIT 1) FROM s WHERE s.stream IS NOT NULL)"
+                " SELECT stream FROM s WHERE stream IS NOT NULL"
+            ).format(self._schema)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def load_policy(self, version_id: int | None) -> tuple[int, LoadedPolicy]:
+        """The applied policy with this id, or the latest one when `version_id` is None."""
+        query = sql.SQL(
+            "SELECT id, policy_text, sha256 FROM {}.policy_version"
+            " WHERE action = 'apply' AND (%s::bigint IS NULL OR id = %s) ORDER BY id DESC LIMIT 1"
+        ).format(self._schema)
+        row = self.conn.execute(query, (version_id, version_id)).fetchone()
+        self.conn.commit()
+        if row is None:
+            what = "no policy has been applied" if version_id is None else f"policy {version_id}"
+            raise NotInstalled(f"{what} in schema {self.names.schema}: run cdc-audit apply")
+        policy_id, text, digest = row
+        source = f"policy version {policy_id}"
+        return policy_id, LoadedPolicy(parse_policy(text, source), text, digest, source)
+
+    def key_columns(self, schema: str, table: str) -> list[str] | None:
+        """The primary key columns of a table, in key order; None without a primary key."""
+        rows = self.conn.execute(
+            "SELECT a.attname FROM pg_catalog.pg_index i"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid"
+            "  AND a.attnum = ANY (i.indkey::int2[])"
+            " WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))"
+            "  AND i.indisprimary"
+            " ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            (schema, table),
+        ).fetchall()
+        return [r[0] for r in rows] or None
+
+    # ---- writing
+
+    def write(self, events: Sequence[SealedEvent], progress: Progress) -> None:
+        """Append `events` and set `progress`, in one transaction, and commit it."""
+        cursor = self.conn.cursor()
+        self._ensure_partitions(e.draft.commit_time for e in events)
+        if events:
+            with cursor.copy(self._copy) as copy:
+                copy.write(self._copy_data(events))
+        cursor.execute(
+            sql.SQL(
+                "INSERT INTO {}.progress AS p (slot_name, end_lsn, partial_lsn, partial_done,"
+                " policy_version_id, last_commit_time, worker, updated_at)"
+                " VALUES (%s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, %s, now())"
+                " ON CONFLICT (slot_name) DO UPDATE SET end_lsn = excluded.end_lsn,"
+                " partial_lsn = excluded.partial_lsn, partial_done = excluded.partial_done,"
+                " policy_version_id = excluded.policy_version_id,"
+                " last_commit_time = coalesce(excluded.last_commit_time, p.last_commit_time),"
+                " worker = excluded.worker, updated_at = now()"
+            ).format(self._schema),
+            (
+                self.names.slot,
+                format_lsn(progress.end_lsn),
+                None if progress.partial_lsn is None else format_lsn(progress.partial_lsn),
+                progress.partial_done if progress.partial_lsn is not None else None,
+                progress.policy_version_id,
+                progress.last_commit_time,
+                self._identity,
+            ),
+        )
+        self.conn.commit()
+
+    @staticmethod
+    def _copy_data(events: Iterable[SealedEvent]) -> bytes:
+        lines = []
+        last_time: datetime | None = None
+        time_text = ""
+        for event in events:
+            when = event.draft.commit_time
+            if when is not last_time:
+                last_time, time_text = when, format_commit_time(when)
+            lines.append(copy_row(event, time_text))
+        return b"".join(lines)
+
+    def _ensure_partitions(self, times: Iterable[datetime]) -> None:
+        for when in times:
+            month = (when.year, when.month)
+            if month not in self._months:
+                self.conn.execute(
+                    sql.SQL("SELECT {}.ensure_event_partition(%s)").format(self._schema), (when,)
+                )
+                self._months.add(month)
+
+    def mark(self, token: str) -> int:
+        """Commit a marker message into the stream; returns its LSN."""
+        row = self.conn.execute(
+            sql.SQL("SELECT {}.mark(%s)::text").format(self._schema), (token,)
+        ).fetchone()
+        self.conn.commit()
+        assert row is not None
+        return parse_lsn(row[0])

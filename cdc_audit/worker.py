@@ -1,0 +1,528 @@
+"""The worker: tails the slot, seals every committed change once, in commit order.
+
+One session of the worker:
+
+1. connects, and becomes the active worker of the slot by taking a session advisory lock on
+   the connection that writes the trail (a second worker waits as a standby and takes over
+   when the first one's connection ends: the lock is tied to the very connection that could
+   write, so two workers never write at once);
+2. reads its progress and the policy in force there, and starts streaming at that position;
+3. feeds the messages to the assembler, seals the drafts into their stream's chain, and after
+   each read writes the batch and the progress in one transaction (`TrailWriter.write`);
+4. only then confirms to the server the end LSN of the last whole transaction written.
+
+Resuming is exactly-once: a transaction whose commit LSN is below the stored end LSN was
+sealed whole and is skipped; inside the transaction recorded as partly sealed, the drafts
+with an ordinal below the stored count are skipped; a non-transactional message below the
+stored end LSN is skipped. Any connection failure ends the session and a new one starts from
+what the trail holds, after a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Final
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdc_audit.assemble import TransactionAssembler
+from cdc_audit.canonical import JsonValue
+from cdc_audit.chain import DraftEvent, SealedEvent, Uuid7Generator
+from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
+from cdc_audit.names import InstallNames
+from cdc_audit.pgoutput import Begin, Commit, LogicalMessage, format_lsn, pg_timestamp_to_datetime
+from cdc_audit.policy import Policy
+from cdc_audit.replication import ReplicationError, ReplicationStream, SlotLost, StreamOptions
+from cdc_audit.trail import Progress, TrailWriter, worker_identity
+
+__all__ = ["Worker", "WorkerOptions", "install_signal_handlers"]
+
+log = logging.getLogger("cdc_audit.worker")
+
+_BACKOFF_MAX: Final = 30.0
+_DRAIN_GIVE_UP: Final = 120.0
+"""Seconds of failing sessions after which `--drain` gives up instead of retrying."""
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    schema: str = "cdc_audit"
+    drain: bool = False
+    """Seal everything committed before the worker started, then return."""
+    batch_messages: int = 5000
+    """Most replication messages read before a batch is written (bounds memory)."""
+    read_timeout: float = 0.5
+    heartbeat_seconds: float = 10.0
+    """Commit a marker when the server's WAL moved but nothing was confirmed for this long."""
+    status_interval: float = 10.0
+    standby_poll: float = 1.0
+    log_interval: float = 10.0
+
+
+class Worker:
+    """Runs sessions until stopped, drained, or a gap is found. See the module docstring."""
+
+    def __init__(
+        self,
+        dsn: str,
+        options: WorkerOptions,
+        redaction_key: bytes | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.options = options
+        self.redaction_key = redaction_key
+        self.stop = stop if stop is not None else threading.Event()
+        self.sealed: Counter[str] = Counter()
+        self._failpoints = _Failpoints.from_environment()
+
+    def run(self) -> int:
+        """Exit code 0 when stopped or drained; raises CdcAuditError on a fatal problem."""
+        backoff = 0.5
+        failing_since: float | None = None
+        while not self.stop.is_set():
+            try:
+                self._session()
+                return 0
+            except (ReplicationError, psycopg.OperationalError, DatabaseError) as exc:
+                if isinstance(exc, SlotLost):
+                    raise
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if self.options.drain and now - failing_since > _DRAIN_GIVE_UP:
+                    raise CdcAuditError(f"worker gave up draining: {_first_line(exc)}") from exc
+                _log(
+                    logging.WARNING,
+                    "session failed, retrying",
+                    error=_first_line(exc),
+                    retry_in=backoff,
+                )
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+        _log(logging.INFO, "stopped")
+        return 0
+
+    # ---- one session
+
+    def _session(self) -> None:
+        with _connect(self.dsn) as conn:
+            names = _install_names(conn, self.options.schema)
+            writer = TrailWriter(conn, names)
+            target = writer.mark("drain") if self.options.drain else None
+            if not self._lead(conn, names, target):
+                return
+            progress = writer.read_progress()
+            policy_id, loaded = writer.load_policy(progress.policy_version_id)
+            _require_redaction_key(loaded.policy, self.redaction_key)
+            stream = ReplicationStream(
+                self.dsn,
+                StreamOptions(
+                    slot=names.slot,
+                    publication=names.publication,
+                    start_lsn=progress.end_lsn,
+                    status_interval=self.options.status_interval,
+                ),
+            )
+            try:
+                stream.open()
+            except SlotLost as exc:
+                self._record_gap(writer, loaded.policy, progress, str(exc))
+                raise
+            _log(
+                logging.INFO,
+                "streaming",
+                slot=names.slot,
+                start_lsn=format_lsn(progress.end_lsn),
+                policy_version=policy_id,
+                drain_target=_lsn_or_none(target),
+            )
+            try:
+                _Session(self, writer, stream, progress, policy_id, loaded.policy, target).run()
+            finally:
+                stream.close()
+
+    def _lead(
+        self, conn: psycopg.Connection[TupleRow], names: InstallNames, target: int | None
+    ) -> bool:
+        """Become the slot's active worker; False when stopped, or drained by the active one."""
+        waiting = False
+        while True:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                (f"cdc-audit worker {names.slot}",),
+            ).fetchone()
+            conn.commit()
+            if row is not None and row[0]:
+                if waiting:
+                    _log(logging.INFO, "taking over as the active worker", slot=names.slot)
+                return True
+            if not waiting:
+                _log(logging.INFO, "standby: another worker is active", slot=names.slot)
+                waiting = True
+            if target is not None and _slot_confirmed(conn, names.slot) > target:
+                _log(logging.INFO, "drained by the active worker", slot=names.slot)
+                return False
+            if self.stop.wait(self.options.standby_poll):
+                return False
+
+    def _record_gap(
+        self, writer: TrailWriter, policy: Policy, progress: Progress, reason: str
+    ) -> None:
+        """A lost slot: one gap event in every stream (once per loss), then a loud error."""
+        streams = sorted(set(policy.streams) | set(writer.trail_streams()))
+        new_id = Uuid7Generator()
+        now = datetime.now(UTC)
+        details: dict[str, JsonValue] = {
+            "slot": writer.names.slot,
+            "reason": reason,
+            "sealed_up_to": format_lsn(progress.end_lsn),
+            "detected_by": worker_identity(),
+        }
+        events = []
+        for stream in streams:
+            if _last_is_same_gap(writer, stream, details):
+                continue
+            draft = DraftEvent(
+                stream=stream,
+                kind="gap",
+                event_id=new_id(),
+                commit_lsn=None,
+                commit_time=now,
+                xid=None,
+                new=details,
+            )
+            events.append(writer.chain(stream).seal(draft))
+        if events:
+            writer.write(events, progress)
+        _log(
+            logging.ERROR,
+            "replication slot lost: gap recorded",
+            slot=writer.names.slot,
+            reason=reason,
+            streams=[e.draft.stream for e in events],
+        )
+
+
+class _Session:
+    """The streaming loop of one session (see `Worker`)."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        writer: TrailWriter,
+        stream: ReplicationStream,
+        progress: Progress,
+        policy_id: int,
+        policy: Policy,
+        target: int | None,
+    ) -> None:
+        self.worker = worker
+        self.options = worker.options
+        self.writer = writer
+        self.stream = stream
+        self.resume = progress
+        self.target = target
+        self.assembler = TransactionAssembler(
+            policy, worker.redaction_key, key_columns=writer.key_columns
+        )
+        self.policy_id = policy_id
+        self.pending_policy: int | None = None
+        self.prefix_mark = f"{policy.schema_name}.mark"
+        self.prefix_policy = f"{policy.schema_name}.policy"
+        self.batch: list[SealedEvent] = []
+        # Position of what has been sealed (in the batch or written).
+        self.end_lsn = progress.end_lsn
+        self.last_commit_time = progress.last_commit_time
+        self.txn_lsn: int | None = None
+        self.txn_skip_all = False
+        self.txn_skip_below = 0
+        self.txn_next_ordinal = 0
+        self.written = progress
+        self.last_advance = time.monotonic()
+        self.last_log = time.monotonic()
+        self.logged_count = 0
+
+    def run(self) -> None:
+        while True:
+            items = self.stream.read(
+                self.options.read_timeout, max_items=self.options.batch_messages
+            )
+            for item in items:
+                self._handle(item.message)
+            self._flush()
+            if self._drained():
+                _log(
+                    logging.INFO,
+                    "drained",
+                    sealed_up_to=format_lsn(self.stream.confirmed_lsn),
+                    events=sum(self.worker.sealed.values()),
+                )
+                return
+            if self.worker.stop.is_set():
+                _log(
+                    logging.INFO,
+                    "stopping: batch written and confirmed",
+                    confirmed=format_lsn(self.stream.confirmed_lsn),
+                )
+                return
+            self._heartbeat_if_due()
+            self._log_if_due()
+
+    # ---- messages
+
+    def _handle(self, message: object) -> None:
+        if isinstance(message, Begin):
+            self.txn_lsn = message.final_lsn
+            self.txn_skip_all = message.final_lsn < self.resume.end_lsn
+            partial = self.resume.partial_lsn == message.final_lsn
+            self.txn_skip_below = self.resume.partial_done if partial else 0
+            self.txn_next_ordinal = 0
+            self.assembler.feed(message)
+            return
+        if isinstance(message, Commit):
+            self.assembler.feed(message)
+            self._commit(message)
+            return
+        if isinstance(message, LogicalMessage) and message.prefix in (
+            self.prefix_mark,
+            self.prefix_policy,
+        ):
+            if message.prefix == self.prefix_policy and message.transactional:
+                self.pending_policy = int(message.content.decode())
+            return
+        for draft in self.assembler.feed(message):  # type: ignore[arg-type]
+            self._seal(draft, message)
+
+    def _seal(self, draft: DraftEvent, message: object) -> None:
+        if self.txn_lsn is not None:
+            self.txn_next_ordinal = draft.ordinal + 1
+            if self.txn_skip_all or draft.ordinal < self.txn_skip_below:
+                return
+        else:
+            # A non-transactional message: its own LSN is its position.
+            assert isinstance(message, LogicalMessage)
+            if message.lsn < self.resume.end_lsn:
+                return
+            self.end_lsn = max(self.end_lsn, message.lsn + 1)
+        self.batch.append(self.writer.chain(draft.stream).seal(draft))
+
+    def _commit(self, commit: Commit) -> None:
+        if not self.txn_skip_all:
+            self.end_lsn = max(self.end_lsn, commit.end_lsn)
+            self.last_commit_time = pg_timestamp_to_datetime(commit.commit_time)
+        self.txn_lsn = None
+        self.txn_skip_all = False
+        self.txn_skip_below = 0
+        self.txn_next_ordinal = 0
+        if self.pending_policy is not None:
+            self._switch_policy(self.pending_policy)
+            self.pending_policy = None
+
+    def _switch_policy(self, policy_id: int) -> None:
+        if policy_id == self.policy_id:
+            return
+        # What came before the apply is already sealed under the old policy; the progress
+        # written with it records the new one, so a restart from here uses the new one too.
+        _, loaded = self.writer.load_policy(policy_id)
+        _require_redaction_key(loaded.policy, self.worker.redaction_key)
+        self.assembler.set_policy(loaded.policy)
+        self.policy_id = policy_id
+        self._write(force=True)
+        _log(logging.INFO, "policy changed", policy_version=policy_id)
+
+    # ---- batches and positions
+
+    def _progress(self) -> Progress:
+        partial = self.txn_lsn is not None and self.txn_next_ordinal > 0
+        return Progress(
+            end_lsn=self.end_lsn,
+            partial_lsn=self.txn_lsn if partial else None,
+            partial_done=self.txn_next_ordinal if partial else 0,
+            policy_version_id=self.policy_id,
+            last_commit_time=self.last_commit_time,
+        )
+
+    def _flush(self) -> None:
+        self._write(force=False)
+        confirmed = self.stream.confirmed_lsn
+        self.stream.confirm(self.end_lsn)
+        if self.txn_lsn is None:
+            idle = self.stream.idle_confirmable()
+            if idle is not None:
+                self.stream.confirm(idle)
+        if self.stream.confirmed_lsn > confirmed:
+            self.last_advance = time.monotonic()
+
+    def _write(self, *, force: bool) -> None:
+        if not self.batch and not force:
+            return
+        progress = self._progress()
+        self.worker._failpoints.hit("before_commit")
+        self.writer.write(self.batch, progress)
+        self.worker._failpoints.hit("after_commit")
+        for event in self.batch:
+            self.worker.sealed[event.draft.stream] += 1
+        self.batch = []
+        self.written = progress
+
+    def _drained(self) -> bool:
+        if self.target is None or self.txn_lsn is not None or self.batch:
+            return False
+        return self.stream.confirmed_lsn > self.target
+
+    def _heartbeat_if_due(self) -> None:
+        behind = self.stream.server_wal_end > self.stream.confirmed_lsn
+        if behind and time.monotonic() - self.last_advance >= self.options.heartbeat_seconds:
+            self.writer.mark("heartbeat")
+            self.last_advance = time.monotonic()
+
+    def _log_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self.last_log < self.options.log_interval:
+            return
+        total = sum(self.worker.sealed.values())
+        rate = (total - self.logged_count) / (now - self.last_log)
+        _log(
+            logging.INFO,
+            "progress",
+            sealed=dict(self.worker.sealed),
+            rate=round(rate, 1),
+            confirmed=format_lsn(self.stream.confirmed_lsn),
+            lag_bytes=max(0, self.stream.server_wal_end - self.stream.confirmed_lsn),
+        )
+        self.last_log, self.logged_count = now, total
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _connect(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
+    try:
+        conn = psycopg.connect(dsn, application_name="cdc-audit worker", client_encoding="utf8")
+    except psycopg.ProgrammingError as exc:
+        raise InvalidInput(f"invalid DSN: {_first_line(exc)}") from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _install_names(conn: psycopg.Connection[TupleRow], schema: str) -> InstallNames:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.install_setting', %s::text)) IS NOT NULL", (schema,)
+    ).fetchone()
+    if row is None or not row[0]:
+        conn.rollback()
+        raise InvalidInput(f"cdc-audit is not installed in schema {schema}: run cdc-audit apply")
+    slot = conn.execute(
+        sql.SQL("SELECT value FROM {}.install_setting WHERE key = 'slot_name'").format(
+            sql.Identifier(schema)
+        )
+    ).fetchone()
+    conn.commit()
+    return InstallNames(schema, conn.info.dbname, slot[0] if slot else None)
+
+
+def _slot_confirmed(conn: psycopg.Connection[TupleRow], slot: str) -> int:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_catalog.pg_replication_slots"
+        " WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    conn.commit()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def _last_is_same_gap(writer: TrailWriter, stream: str, details: dict[str, JsonValue]) -> bool:
+    row = writer.conn.execute(
+        sql.SQL(
+            "SELECT kind, new ->> 'slot', new ->> 'sealed_up_to' FROM {}.event"
+            " WHERE stream = %s ORDER BY seq DESC LIMIT 1"
+        ).format(sql.Identifier(writer.names.schema)),
+        (stream,),
+    ).fetchone()
+    return row is not None and tuple(row) == ("gap", details["slot"], details["sealed_up_to"])
+
+
+def _require_redaction_key(policy: Policy, key: bytes | None) -> None:
+    hashed = [
+        f"{t.table.qualified()}.{column}"
+        for t in policy.tables
+        for column, how in t.redact.items()
+        if how == "hash"
+    ]
+    if hashed and key is None:
+        raise InvalidInput(
+            f"the policy redacts {hashed[0]} with hash: set CDC_AUDIT_REDACTION_KEY_FILE"
+            " to a file holding the secret key"
+        )
+
+
+def _lsn_or_none(lsn: int | None) -> str | None:
+    return None if lsn is None else format_lsn(lsn)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _log(level: int, message: str, **fields: object) -> None:
+    log.log(level, message, extra={"fields": fields})
+
+
+class _Failpoints:
+    """Crash injection for the crash tests: ``CDC_AUDIT_FAILPOINT=after_commit:3`` kills the
+    process with SIGKILL the third time it passes ``after_commit``. Unset in production."""
+
+    def __init__(self, name: str | None, countdown: int) -> None:
+        self._name = name
+        self._countdown = countdown
+
+    @classmethod
+    def from_environment(cls) -> _Failpoints:
+        spec = os.environ.get("CDC_AUDIT_FAILPOINT", "")
+        name, _, count = spec.partition(":")
+        if not name:
+            return cls(None, 0)
+        return cls(name, int(count or "1"))
+
+    def hit(self, name: str) -> None:
+        if name != self._name:
+            return
+        self._countdown -= 1
+        if self._countdown <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set `stop`; returns a function restoring the previous handlers."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        _log(
+            logging.INFO,
+            "signal received: finishing the current batch",
+            signal=signal.Signals(signum).name,
+        )
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
