@@ -44,7 +44,7 @@ class StoredEvent:
     row_key: JsonValue
     old: JsonValue
     new: JsonValue
-    changed: list[str] | None
+    changed: tuple[str, ...] | None
     actor_id: str | None
     reason: str | None
     context: JsonValue
@@ -119,7 +119,7 @@ def _stored(row: tuple[Any, ...]) -> StoredEvent:
         row_key=_json(row[9]),
         old=_json(row[10]),
         new=_json(row[11]),
-        changed=row[12],
+        changed=None if row[12] is None else tuple(row[12]),
         actor_id=row[13],
         reason=row[14],
         context=_json(row[15]),
