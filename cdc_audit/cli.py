@@ -112,7 +112,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     dsn = _dsn(args, settings)
     if not dsn:
         raise InvalidInput("no database given: use --dsn or set CDC_AUDIT_DSN")
-    options = WorkerOptions(schema=_schema(args, settings), drain=args.drain)
+    options = WorkerOptions(
+        schema=_schema(args, settings),
+        drain=args.drain,
+        batch_messages=settings.batch_messages,
+        heartbeat_seconds=settings.heartbeat_seconds,
+    )
     logs.configure()
     stop = threading.Event()
     restore = install_signal_handlers(stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -15,3 +16,7 @@ class Settings(BaseSettings):
     signing_key_file: Path | None = None
     redaction_key_file: Path | None = None
     metrics_port: int | None = None
+    batch_messages: int = Field(5000, gt=0)
+    """Replication messages the worker reads before writing a batch (bounds its memory)."""
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    """Idle time after which the worker commits a marker so the slot keeps advancing."""
