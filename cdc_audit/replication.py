@@ -165,6 +165,7 @@ class ReplicationStream:
         self._wal_end = 0
         self._in_transaction = False
         self._last_status = 0.0
+        self._reported = -1
 
     # ---------------------------------------------------------------------------------------
     # Opening
@@ -387,6 +388,15 @@ class ReplicationStream:
             self._streaming = False
             raise ReplicationError(f"sending status update failed: {_first_line(exc)}") from exc
         self._last_status = time.monotonic()
+        self._reported = lsn
+
+    def report_progress(self, min_interval: float = 1.0) -> None:
+        """Send the confirmed LSN now if it moved since the last report, at most once per
+        `min_interval` seconds, so the slot frees WAL (and waiters see it) without waiting
+        for the periodic update."""
+        due = time.monotonic() - self._last_status >= min_interval
+        if due and self._confirmed > self._reported:
+            self.send_status()
 
     def _status_if_due(self) -> None:
         if time.monotonic() - self._last_status >= self.options.status_interval:

@@ -140,7 +140,8 @@ def read_stream(
         " context::text, context_missing, payload_hash, prev_hash, hash"
         " FROM {}.event WHERE stream = %s AND seq > %s ORDER BY seq"
     ).format(sql.Identifier(schema))
-    with conn.cursor(name=f"read_stream_{id(conn)}") as cursor:
+    # A server-side cursor lives in a transaction, whatever the connection's mode.
+    with conn.transaction(), conn.cursor(name=f"read_stream_{stream}") as cursor:
         cursor.itersize = _FETCH
         cursor.execute(query, (stream, after_seq))
         for row in cursor:

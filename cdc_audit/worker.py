@@ -364,6 +364,7 @@ class _Session:
                 self.stream.confirm(idle)
         if self.stream.confirmed_lsn > confirmed:
             self.last_advance = time.monotonic()
+        self.stream.report_progress()
 
     def _write(self, *, force: bool) -> None:
         if not self.batch and not force:
