@@ -1,17 +1,17 @@
 """`make demo`: the main job end to end on a private, throwaway PostgreSQL.
 
 Starts a cluster, creates pgbench's TPC-B tables, applies an example policy, runs a short
-workload whose every transaction says who is acting, then reads the replication slot with the
-pgoutput decoder and shows who changed what — each change joined with its context.
+workload whose every transaction says who is acting, seals it with the worker, and shows who
+changed what per stream, the chain heads, and each chain re-verified from what is stored.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 import tempfile
-from collections import Counter
+import time
 from pathlib import Path
 
 import psycopg
@@ -19,18 +19,8 @@ import psycopg
 from . import installer, status
 from .ephemeral import EphemeralCluster
 from .names import InstallNames
-from .pgoutput import (
-    Begin,
-    Commit,
-    Delete,
-    Insert,
-    LogicalMessage,
-    RelationCache,
-    Update,
-    decode_message,
-)
-from .pgoutput import Relation as RelationMessage
 from .policy import load_policy
+from .verify import verify_stream
 
 POLICY = """\
 version: 1
@@ -68,7 +58,7 @@ END;
 ADMIN_CHANGE = """
 BEGIN;
 SELECT cdc_audit.set_context(actor_id => 'ops-anna', reason => 'branch audit CHG-1234');
-UPDATE pgbench_branches SET bbalance = 0 WHERE bid = 1;
+UPDATE pgbench_branches SET bbalance = bbalance + 100 WHERE bid = 1;
 COMMIT;
 """
 
@@ -106,7 +96,10 @@ def demo(cluster: EphemeralCluster, work: Path) -> None:
     policy_file.write_text(POLICY)
     result = installer.apply(dsn, load_policy(policy_file), progress=lambda s: say(f"  apply: {s}"))
     say(f"applied the policy: {len(result.plan.steps)} steps, slot {result.slot}")
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "SELECT cdc_audit.set_context(actor_id => 'dba-demo', reason => 'application role')"
+        )
         conn.execute("CREATE ROLE shop_app LOGIN IN ROLE cdc_audit_app")
         conn.execute("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO shop_app")
 
@@ -117,7 +110,8 @@ def demo(cluster: EphemeralCluster, work: Path) -> None:
     _admin_change(app_dsn)
     say("ran a 5-second workload: 12 actors moving money, one admin change with a reason")
 
-    show_trail(dsn, result.slot)
+    seal(dsn)
+    show_trail(dsn)
     with psycopg.connect(dsn) as conn:
         sys.stdout.write(
             status.render_text(status.collect(conn, InstallNames("cdc_audit", "shop")))
@@ -129,43 +123,58 @@ def _admin_change(dsn: str) -> None:
         conn.execute(ADMIN_CHANGE)
 
 
-def show_trail(dsn: str, slot: str) -> None:
-    """Decode what the slot holds, attach each change to its context, and summarise."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, NULL,"
-            " 'proto_version', '1', 'publication_names', 'cdc_audit', 'messages', 'true')",
-            (slot,),
+def seal(dsn: str) -> None:
+    """Run the worker until everything committed so far is sealed."""
+    env = {**os.environ, "CDC_AUDIT_DSN": dsn}
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "cdc_audit.cli", "worker", "--drain"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    say(
+        f"\nsealed the slot into the trail with `cdc-audit worker --drain` in "
+        f"{time.monotonic() - started:.1f} s"
+    )
+
+
+def show_trail(dsn: str) -> None:
+    """Who changed what, per stream, from the sealed trail; then each chain re-verified."""
+    with psycopg.connect(dsn) as conn:
+        tables = conn.execute(
+            "SELECT stream, coalesce(table_name, '(' || kind || ' events)'), kind, count(*)"
+            " FROM cdc_audit.event GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
         ).fetchall()
-    relations = RelationCache()
-    by_actor: Counter[str] = Counter()
-    by_table: Counter[tuple[str, str]] = Counter()
-    contexts: dict[str, dict[str, object]] = {}
-    transactions = 0
-    for (data,) in rows:
-        message = decode_message(data, relations)
-        if isinstance(message, RelationMessage):
-            relations.add(message)
-        elif isinstance(message, Begin):
-            contexts = {}
-        elif isinstance(message, Commit):
-            transactions += 1
-        elif isinstance(message, LogicalMessage) and message.prefix == "cdc_audit.ctx":
-            context = json.loads(message.content)
-            contexts[str(context["stream"])] = context
-        elif isinstance(message, Insert | Update | Delete):
-            table = relations[message.relation_oid].name
-            stream = "admin" if table == "pgbench_branches" else "user"
-            actor = str(contexts.get(stream, {}).get("actor_id", "(no context)"))
-            by_actor[actor] += 1
-            by_table[(table, type(message).__name__.lower())] += 1
-    say(f"\nthe slot holds {transactions} committed transactions; every change has its actor:")
-    for (table, kind), count in sorted(by_table.items()):
-        say(f"  {table:<20} {kind:<7} {count:>7}")
-    say("  top actors:  " + ", ".join(f"{a} ({n})" for a, n in by_actor.most_common(5)))
-    admin = [a for a in by_actor if a.startswith("ops-")]
-    say(f"  admin stream: {', '.join(admin) or 'none'}")
-    say("(read from the slot without consuming it: the slot keeps every change until sealed)\n")
+        actors = conn.execute(
+            "SELECT coalesce(actor_id, '(no context)'), count(*) FROM cdc_audit.event"
+            " GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"
+        ).fetchall()
+        admin = conn.execute(
+            "SELECT seq, kind, table_name, actor_id, reason, row_key::text, changed"
+            " FROM cdc_audit.event WHERE stream = 'admin' ORDER BY seq LIMIT 5"
+        ).fetchall()
+        heads = conn.execute(
+            "SELECT DISTINCT ON (stream) stream, seq, encode(hash, 'hex') FROM cdc_audit.event"
+            " ORDER BY stream, seq DESC"
+        ).fetchall()
+        say("the trail, per stream (who changed what):")
+        for stream, table, kind, count in tables:
+            say(f"  {stream:<6} {table:<20} {kind:<8} {count:>7}")
+        say("  top actors:  " + ", ".join(f"{a} ({n})" for a, n in actors))
+        say("admin stream (changes need a reason):")
+        for seq, kind, table, actor, reason, key, changed in admin:
+            say(f"  #{seq} {kind} {table} {key} by {actor}, reason {reason!r}, changed {changed}")
+        say("chain heads and verification (every event re-hashed from what is stored):")
+        for stream, seq, digest in heads:
+            verdict = verify_stream(conn, "cdc_audit", stream)
+            outcome = "ok" if verdict.ok else f"FAILED at seq {verdict.first_bad_seq}"
+            say(
+                f"  {stream:<6} seq {seq:>7}  head {digest[:16]}…  verify: {outcome}"
+                f" ({verdict.checked} events)"
+            )
+    say("")
 
 
 if __name__ == "__main__":

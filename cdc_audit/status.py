@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from . import catalog
 from .catalog import Installed
 from .names import InstallNames
 from .predicate import TableName
+
+# Migration that gave the progress row its commit time and worker columns.
+_PROGRESS_WITH_TIMES = 3
 
 
 def collect(conn: psycopg.Connection[TupleRow], names: InstallNames) -> dict[str, Any]:
@@ -29,9 +33,35 @@ def collect(conn: psycopg.Connection[TupleRow], names: InstallNames) -> dict[str
         },
         "tables": _tables(installed),
         "slot": None if installed.slot is None else vars(installed.slot),
+        "worker": _worker(conn, installed),
         "publication": names.publication if installed.publication_exists else None,
         "ddl_capture": bool(installed.event_triggers),
         "emit_message_locked": not installed.emit_message_public,
+    }
+
+
+def _worker(conn: psycopg.Connection[TupleRow], installed: Installed) -> dict[str, Any] | None:
+    """The worker's last batch: how far it sealed, and how late it was then and since."""
+    if installed.migration_version < _PROGRESS_WITH_TIMES:
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "SELECT end_lsn::text, worker, updated_at,"
+            " extract(epoch FROM updated_at - last_commit_time)::float8,"
+            " extract(epoch FROM now() - updated_at)::float8"
+            " FROM {}.progress WHERE slot_name = %s"
+        ).format(sql.Identifier(installed.names.schema)),
+        (installed.names.slot,),
+    ).fetchone()
+    if row is None:
+        return None
+    end_lsn, worker, updated_at, lag, since = row
+    return {
+        "sealed_up_to": end_lsn,
+        "last_worker": worker,
+        "last_batch_at": updated_at,
+        "lag_seconds": None if lag is None else round(max(lag, 0.0), 3),
+        "seconds_since_last_batch": round(since, 3),
     }
 
 
@@ -79,5 +109,14 @@ def render_text(report: dict[str, Any]) -> str:
             f"slot         {slot['name']}: {'active' if slot['active'] else 'inactive'}, "
             f"wal_status {slot['wal_status']}, lag {slot['lag_bytes']} bytes, "
             f"retained {slot['retained_bytes']} bytes"
+        )
+    worker = report.get("worker")
+    if worker is None:
+        lines.append("worker       nothing sealed yet")
+    else:
+        lines.append(
+            f"worker       sealed up to {worker['sealed_up_to']}, "
+            f"{worker['lag_seconds']} s behind commit at its last batch, "
+            f"{worker['seconds_since_last_batch']} s ago (by {worker['last_worker']})"
         )
     return "\n".join(lines) + "\n"

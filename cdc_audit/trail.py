@@ -20,13 +20,13 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdc_audit.canonical import JsonValue, canonical_bytes_checked_before
-from cdc_audit.chain import SealedEvent, StreamChain, format_commit_time
+from cdc_audit.chain import SealedEvent, StreamChain, format_commit_time, uuid_text
 from cdc_audit.errors import NotInstalled
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import format_lsn, parse_lsn
 from cdc_audit.policy import LoadedPolicy, parse_policy
 
-__all__ = ["EVENT_COLUMNS", "Progress", "TrailWriter", "copy_row"]
+__all__ = ["EVENT_COLUMNS", "CopyEncoder", "Progress", "TrailWriter", "copy_row"]
 
 EVENT_COLUMNS: Final = (
     "stream",
@@ -77,40 +77,83 @@ def _array(items: Sequence[str] | None) -> bytes:
     return _text("{" + ",".join(quoted) + "}")
 
 
-def _bytea(value: bytes) -> bytes:
-    return b"\\\\x" + value.hex().encode()
+class CopyEncoder:
+    """Lines of COPY text format for sealed events, fields in `EVENT_COLUMNS` order.
 
-
-def copy_row(event: SealedEvent, commit_time_text: str | None = None) -> bytes:
-    """One line of COPY text format for `event`, fields in `EVENT_COLUMNS` order.
-
-    `commit_time_text` may pass the formatted commit time, shared by a whole transaction.
+    Most fields repeat within a transaction (stream, table, actor, commit position, context),
+    so their encodings are remembered for the life of one encoder: use one per batch.
     """
-    draft = event.draft
-    lsn = draft.commit_lsn
-    fields = (
-        _text(draft.stream),
-        str(event.seq).encode(),
-        str(draft.event_id).encode(),
-        _NULL if lsn is None else format_lsn(lsn).encode(),
-        (commit_time_text or format_commit_time(draft.commit_time)).encode(),
-        _NULL if draft.xid is None else str(draft.xid).encode(),
-        _text(draft.kind),
-        _text(draft.schema_name),
-        _text(draft.table_name),
-        _json(draft.row_key),
-        _json(draft.old),
-        _json(draft.new),
-        _array(draft.changed),
-        _text(draft.actor_id),
-        _text(draft.reason),
-        _json(draft.context),
-        b"t" if draft.context_missing else b"f",
-        _bytea(event.payload_hash),
-        _bytea(event.prev_hash),
-        _bytea(event.hash),
-    )
-    return b"\t".join(fields) + b"\n"
+
+    __slots__ = ("_contexts", "_last_lsn", "_last_time", "_texts")
+
+    def __init__(self) -> None:
+        self._texts: dict[str, bytes] = {}
+        self._last_lsn: tuple[int | None, bytes] = (None, _NULL)
+        self._last_time: tuple[datetime | None, bytes] = (None, b"")
+        # Keyed by identity: the drafts of a transaction share one context object, and the
+        # batch keeps every one of them alive while this encoder is in use.
+        self._contexts: dict[int, bytes] = {}
+
+    def _text(self, value: str | None) -> bytes:
+        if value is None:
+            return _NULL
+        encoded = self._texts.get(value)
+        if encoded is None:
+            encoded = _text(value)
+            if len(value) < 256:
+                self._texts[value] = encoded
+        return encoded
+
+    def _context(self, value: JsonValue) -> bytes:
+        if value is None:
+            return _NULL
+        key = id(value)
+        encoded = self._contexts.get(key)
+        if encoded is None:
+            encoded = self._contexts[key] = _json(value)
+        return encoded
+
+    def _commit_lsn(self, lsn: int | None) -> bytes:
+        if lsn != self._last_lsn[0]:
+            self._last_lsn = (lsn, _NULL if lsn is None else format_lsn(lsn).encode())
+        return self._last_lsn[1]
+
+    def _commit_time(self, when: datetime) -> bytes:
+        if when is not self._last_time[0]:
+            self._last_time = (when, format_commit_time(when).encode())
+        return self._last_time[1]
+
+    def row(self, event: SealedEvent) -> bytes:
+        draft = event.draft
+        text = self._text
+        fields = (
+            text(draft.stream),
+            str(event.seq).encode(),
+            uuid_text(draft.event_id).encode(),
+            self._commit_lsn(draft.commit_lsn),
+            self._commit_time(draft.commit_time),
+            _NULL if draft.xid is None else str(draft.xid).encode(),
+            text(draft.kind),
+            text(draft.schema_name),
+            text(draft.table_name),
+            _json(draft.row_key),
+            _json(draft.old),
+            _json(draft.new),
+            _array(draft.changed),
+            text(draft.actor_id),
+            text(draft.reason),
+            self._context(draft.context),
+            b"t" if draft.context_missing else b"f",
+            b"\\\\x" + event.payload_hash.hex().encode(),
+            b"\\\\x" + event.prev_hash.hex().encode(),
+            b"\\\\x" + event.hash.hex().encode(),
+        )
+        return b"\t".join(fields) + b"\n"
+
+
+def copy_row(event: SealedEvent) -> bytes:
+    """One line of COPY text format for `event` (see `CopyEncoder`)."""
+    return CopyEncoder().row(event)
 
 
 @dataclass(frozen=True)
@@ -170,6 +213,10 @@ class TrailWriter:
             policy_version_id=policy_id,
             last_commit_time=last_time,
         )
+
+    def loaded_chain(self, stream: str) -> StreamChain | None:
+        """The head of `stream` if it has been read already (no database access)."""
+        return self._chains.get(stream)
 
     def chain(self, stream: str) -> StreamChain:
         """The head of `stream`, read from the trail the first time it is asked for."""
@@ -260,15 +307,8 @@ class TrailWriter:
 
     @staticmethod
     def _copy_data(events: Iterable[SealedEvent]) -> bytes:
-        lines = []
-        last_time: datetime | None = None
-        time_text = ""
-        for event in events:
-            when = event.draft.commit_time
-            if when is not last_time:
-                last_time, time_text = when, format_commit_time(when)
-            lines.append(copy_row(event, time_text))
-        return b"".join(lines)
+        encoder = CopyEncoder()
+        return b"".join([encoder.row(event) for event in events])
 
     def _ensure_partitions(self, times: Iterable[datetime]) -> None:
         for when in times:

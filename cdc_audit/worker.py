@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -235,7 +236,7 @@ class _Session:
         self.resume = progress
         self.target = target
         self.assembler = TransactionAssembler(
-            policy, worker.redaction_key, key_columns=writer.key_columns
+            policy, worker.redaction_key, key_columns=self._key_columns
         )
         self.policy_id = policy_id
         self.pending_policy: int | None = None
@@ -249,12 +250,23 @@ class _Session:
         self.txn_skip_all = False
         self.txn_skip_below = 0
         self.txn_next_ordinal = 0
-        self.written = progress
+        # One batch at a time is written by a thread while the next one is sealed, so the
+        # database's work overlaps ours; the stream is only touched by this thread.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdc-audit-writer")
+        self.inflight: Future[None] | None = None
+        self.inflight_progress = progress
+        self.inflight_counts: Counter[str] = Counter()
         self.last_advance = time.monotonic()
         self.last_log = time.monotonic()
         self.logged_count = 0
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    def _loop(self) -> None:
         while True:
             items = self.stream.read(
                 self.options.read_timeout, max_items=self.options.batch_messages
@@ -262,6 +274,10 @@ class _Session:
             for item in items:
                 self._handle(item.message)
             self._flush()
+            caught_up = len(items) < self.options.batch_messages
+            if self.worker.stop.is_set() or (self.target is not None and caught_up):
+                self._settle(block=True)
+                self._flush()
             if self._drained():
                 _log(
                     logging.INFO,
@@ -316,7 +332,11 @@ class _Session:
             if message.lsn < self.resume.end_lsn:
                 return
             self.end_lsn = max(self.end_lsn, message.lsn + 1)
-        self.batch.append(self.writer.chain(draft.stream).seal(draft))
+        chain = self.writer.loaded_chain(draft.stream)
+        if chain is None:
+            self._settle(block=True)
+            chain = self.writer.chain(draft.stream)
+        self.batch.append(chain.seal(draft))
 
     def _commit(self, commit: Commit) -> None:
         if not self.txn_skip_all:
@@ -335,11 +355,13 @@ class _Session:
             return
         # What came before the apply is already sealed under the old policy; the progress
         # written with it records the new one, so a restart from here uses the new one too.
+        self._settle(block=True)
         _, loaded = self.writer.load_policy(policy_id)
         _require_redaction_key(loaded.policy, self.worker.redaction_key)
         self.assembler.set_policy(loaded.policy)
         self.policy_id = policy_id
-        self._write(force=True)
+        self._submit()
+        self._settle(block=True)
         _log(logging.INFO, "policy changed", policy_version=policy_id)
 
     # ---- batches and positions
@@ -355,37 +377,61 @@ class _Session:
         )
 
     def _flush(self) -> None:
-        self._write(force=False)
-        confirmed = self.stream.confirmed_lsn
-        self.stream.confirm(self.end_lsn)
-        if self.txn_lsn is None:
-            idle = self.stream.idle_confirmable()
-            if idle is not None:
-                self.stream.confirm(idle)
-        if self.stream.confirmed_lsn > confirmed:
-            self.last_advance = time.monotonic()
+        """Hand the batch to the writer thread; confirm what is known to be written."""
+        self._settle(block=False)
+        if self.batch:
+            self._settle(block=True)
+            self._submit()
+        if self.inflight is None:
+            # Everything sealed is written: transactions without events count as sealed too.
+            self._confirm(self.end_lsn)
+            if self.txn_lsn is None:
+                idle = self.stream.idle_confirmable()
+                if idle is not None:
+                    self._confirm(idle)
         self.stream.report_progress()
 
-    def _write(self, *, force: bool) -> None:
-        if not self.batch and not force:
-            return
+    def _submit(self) -> None:
         progress = self._progress()
+        batch, self.batch = self.batch, []
+        self.inflight_counts = Counter(event.draft.stream for event in batch)
+        self.inflight_progress = progress
+        self.inflight = self.pool.submit(self._write, batch, progress)
+
+    def _write(self, batch: list[SealedEvent], progress: Progress) -> None:
+        """In the writer thread: one batch and its progress, in one transaction."""
         self.worker._failpoints.hit("before_commit")
-        self.writer.write(self.batch, progress)
+        self.writer.write(batch, progress)
         self.worker._failpoints.hit("after_commit")
-        for event in self.batch:
-            self.worker.sealed[event.draft.stream] += 1
-        self.batch = []
-        self.written = progress
+
+    def _settle(self, *, block: bool) -> None:
+        """Collect the batch being written (waiting for it if `block`), then confirm it."""
+        inflight = self.inflight
+        if inflight is None or not (block or inflight.done()):
+            return
+        self.inflight = None
+        inflight.result()  # a failed write ends the session
+        self.worker.sealed.update(self.inflight_counts)
+        self._confirm(self.inflight_progress.end_lsn)
+
+    def _confirm(self, lsn: int) -> None:
+        if lsn > self.stream.confirmed_lsn:
+            self.stream.confirm(lsn)
+            self.last_advance = time.monotonic()
+
+    def _key_columns(self, schema: str, table: str) -> list[str] | None:
+        self._settle(block=True)  # the connection is the writer's
+        return self.writer.key_columns(schema, table)
 
     def _drained(self) -> bool:
-        if self.target is None or self.txn_lsn is not None or self.batch:
+        if self.target is None or self.txn_lsn is not None or self.batch or self.inflight:
             return False
         return self.stream.confirmed_lsn > self.target
 
     def _heartbeat_if_due(self) -> None:
         behind = self.stream.server_wal_end > self.stream.confirmed_lsn
         if behind and time.monotonic() - self.last_advance >= self.options.heartbeat_seconds:
+            self._settle(block=True)
             self.writer.mark("heartbeat")
             self.last_advance = time.monotonic()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -332,6 +333,11 @@ def test_restart_seals_nothing_twice(trail: Trail) -> None:
     assert kinds == ["insert"] * 50 + ["delete"] * 10
     assert trail.confirmed_flush() >= trail.progress_end()
     trail.assert_chains_verify()
+    status = run_cli("--dsn", trail.db.dsn, "status", "--format", "json")
+    worker = json.loads(status.stdout)["worker"]
+    assert worker["sealed_up_to"] == trail.progress_end()
+    assert 0 <= worker["lag_seconds"] < 60
+    assert "sealed up to" in run_cli("--dsn", trail.db.dsn, "status").stdout
 
 
 @pytest.mark.parametrize("failpoint", ["before_commit:3", "after_commit:3"])
