@@ -502,3 +502,41 @@ def test_idle_audited_tables_do_not_hold_wal_back(trail: Trail) -> None:
         assert written > 1_000_000  # the other table really was busy
     finally:
         worker.stop()
+
+
+def test_hostile_values_are_stored_faithfully_and_verify(trail: Trail) -> None:
+    trail.db.execute("CREATE TABLE docs (id int PRIMARY KEY, j json, t text)")
+    policy = trail.policy.read_text().replace(
+        "tables:\n", "tables:\n  - {table: public.docs, stream: user}\n"
+    )
+    trail.policy.write_text(policy)
+    trail.apply()
+    nasty = "quote ' \" back \\ tab \t cr \r lf \n sep \u2028 end"
+    values = [
+        (1, '{"a": 1e3, "b": -0, "c": 1.0E-3, "d": 2.50}', nasty),
+        (2, '["nul \\u0000 inside"]', "x" * 1_000_000),
+        (3, '{"k": 1, "k": 2}', "{}"),
+        (4, "[1e999999]", "\\N"),
+    ]
+    with trail.db.connect(autocommit=False) as conn:
+        ctx(conn, nasty, nasty)
+        for row in values:
+            conn.execute("INSERT INTO docs VALUES (%s, %s, %s)", row)
+        conn.commit()
+    trail.drain()
+    events = trail.events("table_name = 'docs'")
+    assert [e["new"]["j"] for e in events] == [
+        {"a": 1000, "b": 0, "c": 0.001, "d": 2.5},  # psycopg reads jsonb numbers as floats
+        '["nul \\u0000 inside"]',  # jsonb cannot hold \u0000: kept as the text
+        '{"k": 1, "k": 2}',  # duplicate keys: kept as the text
+        "[1e999999]",  # beyond numeric: kept as the text
+    ]
+    assert [e["new"]["t"] for e in events] == [nasty, "x" * 1_000_000, "{}", "\\N"]
+    assert all(e["actor_id"] == nasty and e["reason"] == nasty for e in events)
+    with trail.db.connect() as conn:
+        exact = conn.execute(
+            "SELECT new -> 'j' ->> 'c', new -> 'j' ->> 'd' FROM cdc_audit.event"
+            " WHERE row_key = '{\"id\": 1}'"
+        ).fetchone()
+    assert exact == ("0.0010", "2.50")
+    trail.assert_chains_verify()
