@@ -540,3 +540,26 @@ def test_hostile_values_are_stored_faithfully_and_verify(trail: Trail) -> None:
         ).fetchone()
     assert exact == ("0.0010", "2.50")
     trail.assert_chains_verify()
+
+
+def test_the_worker_runs_as_a_least_privileged_role(trail: Trail) -> None:
+    trail.db.execute("CREATE ROLE sealer LOGIN REPLICATION IN ROLE cdc_audit_writer")
+    try:
+        with trail.db.connect(autocommit=False) as conn:
+            ctx(conn, "a")
+            conn.execute("INSERT INTO accounts VALUES (1, 'x')")
+            conn.commit()
+        result = run_cli(
+            "worker", "--drain", env=trail.env(CDC_AUDIT_DSN=trail.db.dsn_as("sealer"))
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(trail.events("table_name = 'accounts'")) == 1
+        trail.assert_chains_verify()
+        # The trail is append-only for it too.
+        with (
+            psycopg.connect(trail.db.dsn_as("sealer")) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute("UPDATE cdc_audit.event SET actor_id = 'forged'")
+    finally:
+        trail.db.execute("DROP OWNED BY sealer; DROP ROLE sealer")
