@@ -10,6 +10,7 @@ import pytest
 
 from cdc_audit import installer
 from cdc_audit.policy import load_policy
+from cdc_audit.sqlfiles import migrations
 
 from .fix_policy import WritePolicy
 from .pg import Database, run_cli
@@ -17,6 +18,7 @@ from .pg import Database, run_cli
 ACCOUNTS = "  - {table: public.accounts, stream: user, exclude: [updated_at]}\n"
 ROLES = "  - {table: public.roles, stream: admin, old_values: key}\n"
 EXTRA = "ddl: {stream: admin}\napp_events: {stream: user}\n"
+LATEST_MIGRATION = migrations()[-1].version
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def test_apply_installs_everything_and_twice_is_a_no_op(
         == "pgoutput"
     )
     assert db.scalar("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'cdc_audit%'") == 2
-    assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == 2
+    assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == LATEST_MIGRATION
     recorded = db.execute("SELECT action, sha256, policy_text FROM cdc_audit.policy_version")
     assert recorded == [("apply", load_policy(policy).sha256, policy.read_text())]
 
@@ -132,7 +134,7 @@ def test_upgrade_from_an_older_schema_keeps_recorded_events(
     assert "migration 0002 event_indexes" in text
     assert "CREATE TABLE" not in text
     apply(db, policy)
-    assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == 2
+    assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == LATEST_MIGRATION
     assert db.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'event_actor_time'") == 1
     assert db.execute("SELECT * FROM cdc_audit.event") == before
     assert plan_text(db, policy) == ""
