@@ -270,7 +270,7 @@ class ReplicationStream:
     def read(self, timeout: float, *, max_items: int = 10_000) -> list[StreamItem]:
         """Decoded messages available now, waiting up to `timeout` seconds for the first.
 
-        Returns as soon as something has arrived and nothing more is buffered, after at most
+        Returns as soon as something has arrived and nothing more is waiting, after at most
         `max_items` messages (bounding memory), or after `timeout` with an empty list.
         Keepalives and periodic status updates are handled along the way. Raises
         ReplicationError if the connection breaks or the server ends the stream, DecodeError
@@ -288,7 +288,12 @@ class ReplicationStream:
                     if item is not None:
                         items.append(item)
                 elif nbytes == 0:
-                    if items or not self._wait(pgconn, deadline):
+                    if items:
+                        # libpq's buffer is empty; keep going while the socket has more, so
+                        # a busy stream gives batches of max_items, not of one buffer each.
+                        if not self._readable_now(pgconn):
+                            break
+                    elif not self._wait(pgconn, deadline):
                         break
                 else:
                     self._copy_ended(pgconn)
@@ -296,6 +301,13 @@ class ReplicationStream:
             self._streaming = False
             raise ReplicationError(f"replication connection failed: {_first_line(exc)}") from exc
         return items
+
+    @staticmethod
+    def _readable_now(pgconn: pq.abc.PGconn) -> bool:
+        readable, _, _ = select.select([pgconn.socket], [], [], 0)
+        if readable:
+            pgconn.consume_input()
+        return bool(readable)
 
     def _wait(self, pgconn: pq.abc.PGconn, deadline: float) -> bool:
         """Wait for input until the deadline or the next status update; False once past it."""
