@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test demo golden clean
+.PHONY: help venv postgres lint typecheck unit integration test demo bench golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ test: venv postgres lint ## everything CI runs: lint, types, unit and integratio
 
 demo: venv postgres ## the main job end to end on a private, throwaway PostgreSQL
 	$(PY) -m cdc_audit.demo
+
+bench: venv postgres ## worker throughput, lag and memory on a throwaway PostgreSQL (minutes; BENCH_ARGS=--quick)
+	$(PY) -m bench.worker_throughput $(BENCH_ARGS)
 
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
 	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q
