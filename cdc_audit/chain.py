@@ -58,7 +58,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 from cdc_audit.canonical import JsonValue, canonical_bytes
 from cdc_audit.pgoutput import format_lsn
@@ -74,6 +74,7 @@ __all__ = [
     "header_bytes",
     "merkle_root",
     "payload_bytes",
+    "payload_object",
     "uuid7",
     "uuid_text",
 ]
@@ -114,15 +115,39 @@ class DraftEvent:
 
     def payload(self) -> JsonObject:
         """The payload object of the chain spec."""
-        return {
-            "actor_id": self.actor_id,
-            "changed": self.changed,
-            "context": self.context,
-            "new": self.new,
-            "old": self.old,
-            "reason": self.reason,
-            "row_key": self.row_key,
-        }
+        return payload_object(self)
+
+
+class PayloadFields(Protocol):
+    """What a payload is made of, whether a draft or an event read back from the trail."""
+
+    @property
+    def actor_id(self) -> str | None: ...
+    @property
+    def changed(self) -> tuple[str, ...] | None: ...
+    @property
+    def context(self) -> JsonValue: ...
+    @property
+    def new(self) -> JsonValue: ...
+    @property
+    def old(self) -> JsonValue: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def row_key(self) -> JsonValue: ...
+
+
+def payload_object(event: PayloadFields) -> JsonObject:
+    """The payload object of the chain spec: exactly these seven keys."""
+    return {
+        "actor_id": event.actor_id,
+        "changed": event.changed,
+        "context": event.context,
+        "new": event.new,
+        "old": event.old,
+        "reason": event.reason,
+        "row_key": event.row_key,
+    }
 
 
 @dataclass(frozen=True, slots=True)

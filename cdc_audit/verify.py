@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdc_audit.canonical import JsonValue, canonical_bytes
-from cdc_audit.chain import GENESIS, format_commit_time
+from cdc_audit.chain import GENESIS, format_commit_time, payload_object
 from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.values import parse_json_exact
 
@@ -54,15 +54,7 @@ class StoredEvent:
     hash: bytes
 
     def payload(self) -> dict[str, JsonValue]:
-        return {
-            "actor_id": self.actor_id,
-            "changed": self.changed,
-            "context": self.context,
-            "new": self.new,
-            "old": self.old,
-            "reason": self.reason,
-            "row_key": self.row_key,
-        }
+        return payload_object(self)
 
     def header(self) -> dict[str, JsonValue]:
         return {
