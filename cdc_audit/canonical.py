@@ -33,7 +33,7 @@ __all__ = [
     "JsonNumber",
     "JsonValue",
     "canonical_bytes",
-    "canonical_bytes_checked_before",
+    "canonical_bytes_trusted",
 ]
 
 MAX_SAFE_INT: Final = 2**53 - 1
@@ -151,11 +151,12 @@ def canonical_bytes(value: JsonValue) -> bytes:
     return orjson.dumps(value, default=_default, option=_OPTIONS)
 
 
-def canonical_bytes_checked_before(value: JsonValue) -> bytes:
+def canonical_bytes_trusted(value: JsonValue) -> bytes:
     """`canonical_bytes` without the walk that refuses what is not allowed.
 
-    Only for a part of a document that has just been encoded whole by `canonical_bytes` (such
-    as the row values of a sealed payload, stored in columns of their own): the check has
-    already passed, and repeating it would double the cost.
+    For values whose types are guaranteed by how they were made (the value converters, the
+    exact JSON parser, the chain's own header fields) or that were just encoded whole by
+    `canonical_bytes`: the walk costs as much as the encoding itself, on every event.
+    orjson still refuses integers beyond +-(2**53 - 1) and non-str keys.
     """
     return orjson.dumps(value, default=_default, option=_OPTIONS)

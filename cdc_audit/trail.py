@@ -19,8 +19,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdc_audit.canonical import JsonValue, canonical_bytes_checked_before
-from cdc_audit.chain import SealedEvent, StreamChain, format_commit_time, uuid_text
+from cdc_audit.canonical import JsonValue, canonical_bytes_trusted
+from cdc_audit.chain import GENESIS, SealedEvent, StreamChain, format_commit_time, uuid_text
 from cdc_audit.errors import NotInstalled
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import format_lsn, parse_lsn
@@ -67,7 +67,7 @@ def _json(value: JsonValue) -> bytes:
     if value is None:
         return _NULL
     # Canonical JSON escapes every control character, so only backslashes need doubling.
-    return canonical_bytes_checked_before(value).replace(b"\\", b"\\\\")
+    return canonical_bytes_trusted(value).replace(b"\\", b"\\\\")
 
 
 def _array(items: Sequence[str] | None) -> bytes:
@@ -228,7 +228,8 @@ class TrailWriter:
                 ).format(self._schema),
                 (stream,),
             ).fetchone()
-            chain = StreamChain(stream) if row is None else StreamChain(stream, row[0] + 1, row[1])
+            head = (1, GENESIS) if row is None else (row[0] + 1, bytes(row[1]))
+            chain = StreamChain(stream, *head, trusted=True)
             self._chains[stream] = chain
         return chain
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -471,3 +472,39 @@ KNOWN = [t.oid for t in pg_types] + [t.array_oid for t in pg_types]
 @given(st.sampled_from(KNOWN), st.text(max_size=30))
 def test_converters_never_raise(type_oid: int, text: str) -> None:
     canonical_bytes(convert(type_oid, text))
+
+
+# The worker encodes converted values without walking them for refusals (chain.StreamChain,
+# trusted=True): that is only sound if no converter can ever return what canonical JSON
+# refuses, whatever text the server sends.
+_TYPE_NAMES = [
+    "bool", "int2", "int4", "int8", "oid", "xid", "cid", "xid8", "numeric", "float4",
+    "float8", "money", "json", "jsonb", "date", "timestamp", "timestamptz", "text", "bytea",
+    "interval", "uuid",
+]  # fmt: skip
+_SHAPED_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.from_regex(r"-?[0-9]{1,25}(\.[0-9]{1,10})?([eE][-+]?[0-9]{1,4})?", fullmatch=True),
+    st.from_regex(r"\{([-0-9.eE\", {}a-z]|NULL){0,30}\}", fullmatch=True),
+    st.from_regex(
+        r"[0-9]{4,6}-[0-9]{2}-[0-9]{2}( [0-9:.]{8,15}([+-][0-9:]{2,8})?)?( BC)?", fullmatch=True
+    ),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=12,
+    ).map(json.dumps),
+)
+
+
+@settings(max_examples=400)
+@given(
+    st.sampled_from(_TYPE_NAMES),
+    st.booleans(),
+    _SHAPED_TEXT,
+)
+def test_no_converter_returns_what_canonical_json_refuses(
+    name: str, as_array: bool, text: str
+) -> None:
+    value = convert(array_oid(name) if as_array else oid(name), text)
+    canonical_bytes(value)  # raises TypeError for a float, an unsafe int, a bad key, ...
