@@ -41,6 +41,7 @@ from psycopg.rows import TupleRow
 from cdc_audit.assemble import TransactionAssembler
 from cdc_audit.canonical import JsonValue
 from cdc_audit.chain import DraftEvent, SealedEvent, Uuid7Generator
+from cdc_audit.db import database_error
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import Begin, Commit, LogicalMessage, format_lsn, pg_timestamp_to_datetime
@@ -112,6 +113,9 @@ class Worker:
                 )
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
+            except psycopg.Error as exc:
+                # Refused, not broken (a privilege, a missing object): retrying cannot help.
+                raise database_error(exc, "sealing") from exc
         _log(logging.INFO, "stopped")
         return 0
 

@@ -563,3 +563,16 @@ def test_the_worker_runs_as_a_least_privileged_role(trail: Trail) -> None:
             conn.execute("UPDATE cdc_audit.event SET actor_id = 'forged'")
     finally:
         trail.db.execute("DROP OWNED BY sealer; DROP ROLE sealer")
+
+
+def test_a_role_without_the_writer_grants_gets_one_line_and_exit_3(trail: Trail) -> None:
+    trail.db.execute("CREATE ROLE outsider LOGIN REPLICATION")
+    try:
+        result = run_cli(
+            "worker", "--drain", env=trail.env(CDC_AUDIT_DSN=trail.db.dsn_as("outsider"))
+        )
+        assert result.returncode == 3
+        assert result.stderr.startswith("cdc-audit: ") and "permission denied" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
+        trail.db.execute("DROP OWNED BY outsider; DROP ROLE outsider")
