@@ -23,8 +23,8 @@ postgres: ## make sure PostgreSQL server binaries are present (apt install when 
 	@bash scripts/ensure-postgres.sh
 
 lint: venv ## ruff and mypy
-	$(VENV)/bin/ruff check cdc_audit tests
-	$(VENV)/bin/ruff format --check cdc_audit tests
+	$(VENV)/bin/ruff check cdc_audit tests bench
+	$(VENV)/bin/ruff format --check cdc_audit tests bench
 	$(VENV)/bin/mypy
 
 typecheck: venv
