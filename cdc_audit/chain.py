@@ -44,9 +44,7 @@ and 32 zero bytes (`GENESIS`) for seq 1. Because the header carries ``payload_ha
 DESIGN's ``SHA-256(prev_hash || header || SHA-256(payload))`` with the digest inside the
 header: a payload can be erased later and the chain still verifies from ``payload_hash``.
 
-Merkle roots (for checkpoints) follow RFC 6962 section 2.1: leaf hash =
-SHA-256(0x00 || leaf), node hash = SHA-256(0x01 || left || right), the split at the largest
-power of two smaller than the number of leaves, and SHA-256 of the empty string for no leaves.
+Merkle roots and audit paths (for checkpoints, RFC 6962) are specified in `cdc_audit.merkle`.
 """
 
 from __future__ import annotations
@@ -55,12 +53,13 @@ import hashlib
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
 from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
+from cdc_audit.merkle import merkle_root
 from cdc_audit.pgoutput import format_lsn
 
 __all__ = [
@@ -159,6 +158,9 @@ class SealedEvent:
     prev_hash: bytes
     payload_hash: bytes
     hash: bytes
+    signature: bytes | None = None
+    """Ed25519 over `hash`, on streams signed every row."""
+    key_id: str | None = None
 
     def header(self) -> JsonObject:
         """The header object of the chain spec."""
@@ -341,25 +343,3 @@ class Uuid7Generator:
 
 def _unix_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-# ------------------------------------------------------------------------------ Merkle
-
-
-def merkle_root(leaves: Sequence[bytes]) -> bytes:
-    """RFC 6962 Merkle tree hash of `leaves` (see the module docstring)."""
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    level = [hashlib.sha256(b"\x00" + leaf).digest() for leaf in leaves]
-    return _subtree(level, 0, len(level))
-
-
-def _subtree(hashes: list[bytes], start: int, end: int) -> bytes:
-    """Root over hashes[start:end]; the left part is the largest power of two below n."""
-    n = end - start
-    if n == 1:
-        return hashes[start]
-    split = 1 << ((n - 1).bit_length() - 1)
-    left = _subtree(hashes, start, start + split)
-    right = _subtree(hashes, start + split, end)
-    return hashlib.sha256(b"\x01" + left + right).digest()

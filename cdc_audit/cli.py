@@ -8,14 +8,15 @@ import json
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
 from pydantic import ValidationError
 
-from . import __version__, installer, logs, status
+from . import __version__, installer, keys, logs, status, trail_commands
 from .db import connect
-from .errors import CdcAuditError, InvalidInput
+from .errors import CdcAuditError, IntegrityError, InvalidInput
 from .names import InstallNames
 from .policy import LoadedPolicy, load_policy
 from .settings import Settings
@@ -127,9 +128,58 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     restore = install_signal_handlers(stop)
     try:
-        return Worker(dsn, options, _redaction_key(settings), stop).run()
+        worker = Worker(dsn, options, _redaction_key(settings), stop, _signing_key(settings))
+        return worker.run()
     finally:
         restore()
+
+
+def _signing_key(settings: Settings) -> keys.SigningKey | None:
+    path = settings.signing_key_file
+    return None if path is None else keys.load_signing_key(Path(path))
+
+
+def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        made = trail_commands.request_checkpoint(conn, schema, timeout=args.timeout)
+    for checkpoint in made:
+        print(
+            f"{checkpoint.stream}: seq {checkpoint.first_seq}-{checkpoint.last_seq} signed by"
+            f" {checkpoint.key_id}, head {checkpoint.head_hash.hex()[:16]}"
+        )
+    if not made:
+        _say("nothing to sign: every event is already covered by a checkpoint")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    if args.file is not None:
+        verdicts = [trail_commands.verify_file(Path(args.file), args.public_key)]
+    else:
+        schema = _schema(args, settings)
+        with connect(_dsn(args, settings)) as conn:
+            verdicts = trail_commands.verify_database(
+                conn, schema, args.stream, args.anchor, progress=_say
+            )
+    for verdict in verdicts:
+        print(verdict.describe())
+    failed = [v for v in verdicts if not v.ok]
+    if failed:
+        first = failed[0]
+        raise IntegrityError(first.stream, first.first_bad_seq, first.problem or "")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    selection = trail_commands.export_range(args.from_seq, args.to_seq, args.since, args.until)
+    with connect(_dsn(args, settings)) as conn:
+        first, last, count = trail_commands.export_to(
+            conn, schema, args.stream, selection, args.output
+        )
+    _say(f"exported {count} event(s) of stream {args.stream} (seq {first}-{last}) to {args.output}")
+    return 0
 
 
 def _redaction_key(settings: Settings) -> bytes | None:
@@ -148,6 +198,61 @@ def _redaction_key(settings: Settings) -> bytes | None:
             " random bytes (for instance: head -c 32 /dev/urandom | base64)"
         )
     return key
+
+
+def cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:
+    private, public, key_id = keys.generate(Path(args.out))
+    print(f"key id: {key_id}")
+    print(f"private key: {private}")
+    print(f"public key: {public}")
+    _say(
+        f"next: cdc-audit keys add {public}; give the worker"
+        f" CDC_AUDIT_SIGNING_KEY_FILE={private} (and nobody else)"
+    )
+    return 0
+
+
+def cmd_keys_add(args: argparse.Namespace, settings: Settings) -> int:
+    key = keys.load_public_key(Path(args.public_key_file))
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        added = keys.register(conn, schema, key)
+    if added:
+        _say(f"registered key {key.key_id} in {schema}.signing_key")
+    else:
+        _say(f"key {key.key_id} is already registered in {schema}.signing_key; nothing to do")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        rows = keys.list_keys(conn, schema)
+    if args.format == "json":
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    elif not rows:
+        _say(f"no keys registered in {schema}.signing_key: cdc-audit keys add registers one")
+    else:
+        for row in rows:
+            state = "active" if row.retired_at is None else f"retired {_seconds(row.retired_at)}"
+            print(
+                f"{row.key_id}  {row.algorithm}  added {_seconds(row.added_at)}"
+                f" by {row.added_by}  {state}"
+            )
+    return 0
+
+
+def _seconds(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds")
+
+
+def cmd_keys_retire(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        keys.retire(conn, schema, args.key_id)
+    kid = args.key_id.strip().lower()
+    _say(f"retired key {kid}: it may sign nothing more; what it signed still verifies")
+    return 0
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -189,7 +294,52 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="seal everything committed before the worker started, then exit 0",
     )
+    keygen = command("keygen", cmd_keygen, "generate an Ed25519 signing key pair")
+    keygen.add_argument(
+        "--out", required=True, metavar="DIR", help="directory for the two key files"
+    )
+    checkpoint = command("checkpoint", cmd_checkpoint, "have the worker sign a checkpoint now")
+    checkpoint.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    checkpoint.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    verify = command("verify", cmd_verify, "prove the trail (or an export) was not altered")
+    verify.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    verify.add_argument("--stream", help="verify only this stream")
+    verify.add_argument("--anchor", metavar="DIR", help="anchor directory (default: the policy's)")
+    verify.add_argument("--file", metavar="EXPORT", help="verify an export, with no database")
+    verify.add_argument(
+        "--public-key", action="append", default=[], metavar="KEY", help="public key file(s)"
+    )
+    export = command("export", cmd_export, "write a stream and its checkpoints as JSON Lines")
+    export.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    export.add_argument("--stream", required=True)
+    export.add_argument("--from-seq", type=int, default=1, metavar="SEQ")
+    export.add_argument("--to-seq", type=int, metavar="SEQ")
+    export.add_argument("--since", metavar="TIME", help="ISO 8601 time (inclusive)")
+    export.add_argument("--until", metavar="TIME", help="ISO 8601 time (exclusive)")
+    export.add_argument("--output", required=True, metavar="FILE", help="file, or - for stdout")
+    # `keys` always has an action (required), whose handler replaces this one.
+    _keys_commands(command("keys", cmd_keys_list, "register, list and retire signing keys"))
     return parser
+
+
+def _keys_commands(parent: argparse.ArgumentParser) -> None:
+    """`keys add|list|retire`: sub-commands of `keys`, each with its own handler."""
+    actions = parent.add_subparsers(dest="keys_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text, description=help_text)
+        _common(sub, suppress=True)
+        sub.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add = action("add", cmd_keys_add, "register a public key so its signatures can be verified")
+    add.add_argument("public_key_file", metavar="PUBLIC_KEY_FILE")
+    listing = action("list", cmd_keys_list, "show registered keys, retired ones included")
+    listing.add_argument("--format", choices=("text", "json"), default="text")
+    retire = action("retire", cmd_keys_retire, "stop a key from signing (it still verifies)")
+    retire.add_argument("key_id", metavar="KEY_ID")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -19,12 +19,14 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdc_audit.canonical import JsonValue, canonical_bytes_trusted
+from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
 from cdc_audit.chain import GENESIS, SealedEvent, StreamChain, format_commit_time, uuid_text
+from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import NotInstalled
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import format_lsn, parse_lsn
 from cdc_audit.policy import LoadedPolicy, parse_policy
+from cdc_audit.values import parse_json_exact
 
 __all__ = ["EVENT_COLUMNS", "CopyEncoder", "Progress", "TrailWriter", "copy_row"]
 
@@ -49,6 +51,8 @@ EVENT_COLUMNS: Final = (
     "payload_hash",
     "prev_hash",
     "hash",
+    "signature",
+    "key_id",
 )
 """The columns a batch fills, in the order of `copy_row`'s fields."""
 
@@ -147,6 +151,8 @@ class CopyEncoder:
             b"\\\\x" + event.payload_hash.hex().encode(),
             b"\\\\x" + event.prev_hash.hex().encode(),
             b"\\\\x" + event.hash.hex().encode(),
+            _NULL if event.signature is None else b"\\\\x" + event.signature.hex().encode(),
+            text(event.key_id),
         )
         return b"\t".join(fields) + b"\n"
 
@@ -154,6 +160,20 @@ class CopyEncoder:
 def copy_row(event: SealedEvent) -> bytes:
     """One line of COPY text format for `event` (see `CopyEncoder`)."""
     return CopyEncoder().row(event)
+
+
+def trail_streams(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:
+    """Every stream that has events (a loose index scan over the primary key)."""
+    rows = conn.execute(
+        sql.SQL(
+            "WITH RECURSIVE s(stream) AS ("
+            " (SELECT stream FROM {0}.event ORDER BY stream LIMIT 1)"
+            " UNION ALL SELECT (SELECT e.stream FROM {0}.event e WHERE e.stream > s.stream"
+            " ORDER BY e.stream LIMIT 1) FROM s WHERE s.stream IS NOT NULL)"
+            " SELECT stream FROM s WHERE stream IS NOT NULL"
+        ).format(sql.Identifier(schema))
+    ).fetchall()
+    return [r[0] for r in rows]
 
 
 @dataclass(frozen=True)
@@ -234,17 +254,7 @@ class TrailWriter:
         return chain
 
     def trail_streams(self) -> list[str]:
-        """Every stream that has events (a loose index scan over the primary key)."""
-        rows = self.conn.execute(
-            sql.SQL(
-                "WITH RECURSIVE s(stream) AS ("
-                " (SELECT stream FROM {0}.event ORDER BY stream LIMIT 1)"
-                " UNION ALL SELECT (SELECT e.stream FROM {0}.event e WHERE e.stream > s.stream"
-                " ORDER BY e.stream LIMIT 1) FROM s WHERE s.stream IS NOT NULL)"
-                " SELECT stream FROM s WHERE stream IS NOT NULL"
-            ).format(self._schema)
-        ).fetchall()
-        return [r[0] for r in rows]
+        return trail_streams(self.conn, self.names.schema)
 
     def load_policy(self, version_id: int | None) -> tuple[int, LoadedPolicy]:
         """The applied policy with this id, or the latest one when `version_id` is None."""
@@ -276,13 +286,38 @@ class TrailWriter:
 
     # ---- writing
 
-    def write(self, events: Sequence[SealedEvent], progress: Progress) -> None:
-        """Append `events` and set `progress`, in one transaction, and commit it."""
+    def write(
+        self,
+        events: Sequence[SealedEvent],
+        progress: Progress,
+        checkpoints: Sequence[Checkpoint] = (),
+    ) -> None:
+        """Append `events` and `checkpoints` and set `progress`, in one transaction."""
         cursor = self.conn.cursor()
         self._ensure_partitions(e.draft.commit_time for e in events)
         if events:
             with cursor.copy(self._copy) as copy:
                 copy.write(self._copy_data(events))
+        for checkpoint in checkpoints:
+            cursor.execute(
+                sql.SQL(
+                    "INSERT INTO {}.checkpoint (stream, first_seq, last_seq, event_count,"
+                    " head_hash, merkle_root, created_at, key_id, signature, statement)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+                ).format(self._schema),
+                (
+                    checkpoint.stream,
+                    checkpoint.first_seq,
+                    checkpoint.last_seq,
+                    checkpoint.count,
+                    checkpoint.head_hash,
+                    checkpoint.merkle_root,
+                    checkpoint.created_at,
+                    checkpoint.key_id,
+                    checkpoint.signature,
+                    canonical_bytes(checkpoint.statement()).decode(),
+                ),
+            )
         cursor.execute(
             sql.SQL(
                 "INSERT INTO {}.progress AS p (slot_name, end_lsn, partial_lsn, partial_done,"
@@ -319,6 +354,48 @@ class TrailWriter:
                     sql.SQL("SELECT {}.ensure_event_partition(%s)").format(self._schema), (when,)
                 )
                 self._months.add(month)
+
+    def checkpoints(self, stream: str, after_seq: int = 0) -> list[Checkpoint]:
+        """The stream's checkpoints ending after `after_seq`, in order."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT statement::text, signature FROM {}.checkpoint"
+                " WHERE stream = %s AND last_seq > %s ORDER BY last_seq"
+            ).format(self._schema),
+            (stream, after_seq),
+        ).fetchall()
+        self.conn.commit()
+        where = f"{self.names.schema}.checkpoint"
+        return [
+            Checkpoint.from_record(
+                {"statement": parse_json_exact(text), "signature": bytes(sig).hex()}, where
+            )
+            for text, sig in rows
+        ]
+
+    def hashes_after(self, stream: str, after_seq: int) -> Iterator[bytes]:
+        """Hashes of the stream's events after `after_seq`, in order, fetched in chunks."""
+        query = sql.SQL(
+            "SELECT hash FROM {}.event WHERE stream = %s AND seq > %s ORDER BY seq"
+        ).format(self._schema)
+        with self.conn.cursor(name=f"hashes_{stream}") as cursor:
+            cursor.itersize = 10_000
+            cursor.execute(query, (stream, after_seq))
+            for (digest,) in cursor:
+                yield bytes(digest)
+        self.conn.commit()
+
+    def rotation_recorded(self, stream: str, after_seq: int, key_id: str) -> bool:
+        """Whether a key_rotation event to `key_id` follows `after_seq` in the stream."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT FROM {}.event WHERE stream = %s AND seq > %s"
+                " AND kind = 'key_rotation' AND new ->> 'key_id' = %s)"
+            ).format(self._schema),
+            (stream, after_seq, key_id),
+        ).fetchone()
+        self.conn.commit()
+        return bool(row and row[0])
 
     def mark(self, token: str) -> int:
         """Commit a marker message into the stream; returns its LSN."""

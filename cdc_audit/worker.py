@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Final
@@ -38,11 +38,15 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from cdc_audit import keys
 from cdc_audit.assemble import TransactionAssembler
 from cdc_audit.canonical import JsonValue
-from cdc_audit.chain import DraftEvent, SealedEvent, Uuid7Generator
+from cdc_audit.chain import DraftEvent, SealedEvent, StreamChain, Uuid7Generator
+from cdc_audit.checkpointer import Checkpointer
+from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.db import database_error
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
+from cdc_audit.keys import SigningKey
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import Begin, Commit, LogicalMessage, format_lsn, pg_timestamp_to_datetime
 from cdc_audit.policy import Policy
@@ -82,10 +86,12 @@ class Worker:
         options: WorkerOptions,
         redaction_key: bytes | None = None,
         stop: threading.Event | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
         self.dsn = dsn
         self.options = options
         self.redaction_key = redaction_key
+        self.signing_key = signing_key
         self.stop = stop if stop is not None else threading.Event()
         self.sealed: Counter[str] = Counter()
         self._failpoints = _Failpoints.from_environment()
@@ -131,6 +137,7 @@ class Worker:
             progress = writer.read_progress()
             policy_id, loaded = writer.load_policy(progress.policy_version_id)
             _require_redaction_key(loaded.policy, self.redaction_key)
+            self._require_signing_key(conn, names, loaded.policy)
             stream = ReplicationStream(
                 self.dsn,
                 StreamOptions(
@@ -157,6 +164,21 @@ class Worker:
                 _Session(self, writer, stream, progress, policy_id, loaded.policy, target).run()
             finally:
                 stream.close()
+
+    def _require_signing_key(
+        self, conn: psycopg.Connection[TupleRow], names: InstallNames, policy: Policy
+    ) -> None:
+        if self.signing_key is not None:
+            keys.require_registered(conn, names.schema, self.signing_key)
+            conn.commit()
+            return
+        every_row = [name for name, stream in policy.streams.items() if stream.sign == "every_row"]
+        if every_row:
+            raise InvalidInput(
+                f"stream {every_row[0]} is signed every row: set CDC_AUDIT_SIGNING_KEY_FILE"
+                " to the worker's private key (cdc-audit keygen makes one)"
+            )
+        _log(logging.WARNING, "no signing key: the trail is chained but no checkpoint is signed")
 
     def _lead(
         self, conn: psycopg.Connection[TupleRow], names: InstallNames, target: int | None
@@ -239,14 +261,26 @@ class _Session:
         self.stream = stream
         self.resume = progress
         self.target = target
+        self.new_id = Uuid7Generator()
         self.assembler = TransactionAssembler(
-            policy, worker.redaction_key, key_columns=self._key_columns
+            policy, worker.redaction_key, key_columns=self._key_columns, new_id=self.new_id
         )
         self.policy_id = policy_id
         self.pending_policy: int | None = None
         self.prefix_mark = f"{policy.schema_name}.mark"
         self.prefix_policy = f"{policy.schema_name}.policy"
         self.batch: list[SealedEvent] = []
+        self.batch_checkpoints: list[Checkpoint] = []
+        self.key = worker.signing_key
+        self.every_row = {n for n, st in policy.streams.items() if st.sign == "every_row"}
+        self.checkpointer = None if self.key is None else Checkpointer(self.key, policy.checkpoints)
+        anchor_dir = policy.checkpoints.anchor_dir
+        self.anchor = (
+            None
+            if anchor_dir is None or self.key is None
+            else DirectoryAnchor(anchor_dir, writer.names.database, writer.names.schema)
+        )
+        self.checkpoint_requested = False
         # Position of what has been sealed (in the batch or written).
         self.end_lsn = progress.end_lsn
         self.last_commit_time = progress.last_commit_time
@@ -260,15 +294,67 @@ class _Session:
         self.inflight: Future[None] | None = None
         self.inflight_progress = progress
         self.inflight_counts: Counter[str] = Counter()
+        self.inflight_checkpoints: list[Checkpoint] = []
         self.last_advance = time.monotonic()
         self.last_log = time.monotonic()
         self.logged_count = 0
 
     def run(self) -> None:
         try:
+            self._start()
             self._loop()
         finally:
             self.pool.shutdown(wait=True)
+
+    def _start(self) -> None:
+        """Anchor what a crash left unanchored; record a change of signing key."""
+        if self.key is None:
+            return
+        for stream in self._all_streams():
+            last = self._catch_up_anchor(stream)
+            if last is not None and last.key_id != self.key.key_id:
+                self._record_rotation(stream, last)
+
+    def _all_streams(self) -> list[str]:
+        return sorted(set(self.assembler.policy.streams) | set(self.writer.trail_streams()))
+
+    def _catch_up_anchor(self, stream: str) -> Checkpoint | None:
+        """Write to the anchor the stream's checkpoints it lacks; the stream's last one."""
+        anchored = self.anchor.latest(stream) if self.anchor is not None else None
+        after = anchored.last_seq if anchored is not None else 0
+        missing = self.writer.checkpoints(stream, after)
+        if self.anchor is not None:
+            for checkpoint in missing:
+                self.anchor.write(checkpoint)
+        if missing:
+            return missing[-1]
+        if anchored is not None:
+            return anchored
+        known = self.writer.checkpoints(stream)
+        return known[-1] if known else None
+
+    def _record_rotation(self, stream: str, last: Checkpoint) -> None:
+        assert self.key is not None
+        if self.writer.rotation_recorded(stream, last.last_seq, self.key.key_id):
+            return
+        draft = DraftEvent(
+            stream=stream,
+            kind="key_rotation",
+            event_id=self.new_id(),
+            commit_lsn=None,
+            commit_time=datetime.now(UTC),
+            xid=None,
+            new={"key_id": self.key.key_id, "previous_key_id": last.key_id},
+            context={"worker": worker_identity()},
+        )
+        self._append(draft)
+        _log(
+            logging.INFO,
+            "signing key changed",
+            stream=stream,
+            key_id=self.key.key_id,
+            previous_key_id=last.key_id,
+        )
 
     def _loop(self) -> None:
         while True:
@@ -277,12 +363,14 @@ class _Session:
             )
             for item in items:
                 self._handle(item.message)
+            self._checkpoints_due()
             self._flush()
             caught_up = len(items) < self.options.batch_messages
             if self.worker.stop.is_set() or (self.target is not None and caught_up):
                 self._settle(block=True)
                 self._flush()
             if self._drained():
+                self._sign_the_tail()
                 _log(
                     logging.INFO,
                     "drained",
@@ -291,6 +379,7 @@ class _Session:
                 )
                 return
             if self.worker.stop.is_set():
+                self._sign_the_tail()
                 _log(
                     logging.INFO,
                     "stopping: batch written and confirmed",
@@ -321,6 +410,8 @@ class _Session:
         ):
             if message.prefix == self.prefix_policy and message.transactional:
                 self.pending_policy = int(message.content.decode())
+            elif message.content == b"checkpoint":
+                self.checkpoint_requested = True
             return
         for draft in self.assembler.feed(message):  # type: ignore[arg-type]
             self._seal(draft, message)
@@ -336,11 +427,56 @@ class _Session:
             if message.lsn < self.resume.end_lsn:
                 return
             self.end_lsn = max(self.end_lsn, message.lsn + 1)
-        chain = self.writer.loaded_chain(draft.stream)
+        self._append(draft)
+
+    def _append(self, draft: DraftEvent) -> None:
+        """Seal `draft` into its chain (signing it on streams signed every row) and batch it."""
+        chain = self._chain(draft.stream)
+        sealed = chain.seal(draft)
+        if self.key is not None and draft.stream in self.every_row:
+            sealed = replace(sealed, signature=self.key.sign(sealed.hash), key_id=self.key.key_id)
+        self.batch.append(sealed)
+        if self.checkpointer is not None and self.checkpointer.add(draft.stream, sealed.hash):
+            self._checkpoint(draft.stream)
+
+    def _chain(self, stream: str) -> StreamChain:
+        """The stream's chain, and its checkpoint range, read from the trail the first time."""
+        chain = self.writer.loaded_chain(stream)
         if chain is None:
+            self._settle(block=True)  # the connection is the writer's
+            chain = self.writer.chain(stream)
+        if self.checkpointer is not None and not self.checkpointer.loaded(stream):
             self._settle(block=True)
-            chain = self.writer.chain(draft.stream)
-        self.batch.append(chain.seal(draft))
+            last = self.writer.checkpoints(stream)
+            last_seq = last[-1].last_seq if last else 0
+            self.checkpointer.load(stream, last_seq, self.writer.hashes_after(stream, last_seq))
+        return chain
+
+    def _checkpoint(self, stream: str) -> None:
+        assert self.checkpointer is not None
+        self.batch_checkpoints.append(self.checkpointer.make(self._chain(stream)))
+
+    def _sign_the_tail(self) -> None:
+        """On the way out, cover every event sealed in this session by a checkpoint."""
+        if self.checkpointer is None or not self.checkpointer.pending():
+            return
+        for stream in self.checkpointer.pending():
+            self._checkpoint(stream)
+        self._flush()
+        self._settle(block=True)
+
+    def _checkpoints_due(self) -> None:
+        if self.checkpointer is None:
+            return
+        if self.checkpoint_requested:
+            self.checkpoint_requested = False
+            for stream in self._all_streams():
+                self._chain(stream)  # loads its range: it may hold events of earlier runs
+            due = self.checkpointer.pending()
+        else:
+            due = self.checkpointer.due()
+        for stream in due:
+            self._checkpoint(stream)
 
     def _commit(self, commit: Commit) -> None:
         if not self.txn_skip_all:
@@ -383,7 +519,7 @@ class _Session:
     def _flush(self) -> None:
         """Hand the batch to the writer thread; confirm what is known to be written."""
         self._settle(block=False)
-        if self.batch:
+        if self.batch or self.batch_checkpoints:
             self._settle(block=True)
             self._submit()
         if self.inflight is None:
@@ -398,14 +534,18 @@ class _Session:
     def _submit(self) -> None:
         progress = self._progress()
         batch, self.batch = self.batch, []
+        checkpoints, self.batch_checkpoints = self.batch_checkpoints, []
         self.inflight_counts = Counter(event.draft.stream for event in batch)
         self.inflight_progress = progress
-        self.inflight = self.pool.submit(self._write, batch, progress)
+        self.inflight_checkpoints = checkpoints
+        self.inflight = self.pool.submit(self._write, batch, progress, checkpoints)
 
-    def _write(self, batch: list[SealedEvent], progress: Progress) -> None:
-        """In the writer thread: one batch and its progress, in one transaction."""
+    def _write(
+        self, batch: list[SealedEvent], progress: Progress, checkpoints: list[Checkpoint]
+    ) -> None:
+        """In the writer thread: one batch, its checkpoints and progress, in one transaction."""
         self.worker._failpoints.hit("before_commit")
-        self.writer.write(batch, progress)
+        self.writer.write(batch, progress, checkpoints)
         self.worker._failpoints.hit("after_commit")
 
     def _settle(self, *, block: bool) -> None:
@@ -416,6 +556,11 @@ class _Session:
         self.inflight = None
         inflight.result()  # a failed write ends the session
         self.worker.sealed.update(self.inflight_counts)
+        # Anchored only once in the trail: an anchored checkpoint the trail lacks would be
+        # indistinguishable from a truncated trail. A crash in between is caught up on start.
+        if self.anchor is not None:
+            for checkpoint in self.inflight_checkpoints:
+                self.anchor.write(checkpoint)
         self._confirm(self.inflight_progress.end_lsn)
 
     def _confirm(self, lsn: int) -> None:
@@ -429,6 +574,8 @@ class _Session:
 
     def _drained(self) -> bool:
         if self.target is None or self.txn_lsn is not None or self.batch or self.inflight:
+            return False
+        if self.batch_checkpoints or self.checkpoint_requested:
             return False
         return self.stream.confirmed_lsn > self.target
 

@@ -1,0 +1,236 @@
+"""Exports of a stream as JSON Lines, and their verification with no database.
+
+THE EXPORT FORMAT (version 1). One JSON object per line, in canonical JSON (so one byte
+changed anywhere changes what is verified), in stream order:
+
+- ``{"type": "checkpoint", "signature": hex, "statement": {...}}``: a signed checkpoint
+  (`cdc_audit.checkpoints`), right after the last event it covers. An export that does not
+  start at seq 1 starts with the checkpoint that precedes its first event, and verification
+  starts from that checkpoint's head hash.
+- ``{"type": "event", ...}``: an event with every column of the trail: ``stream``, ``seq``,
+  ``event_id``, ``commit_lsn``, ``commit_time`` (ISO 8601 UTC), ``xid``, ``kind``,
+  ``schema_name``, ``table_name``, ``row_key``, ``old``, ``new``, ``changed``, ``actor_id``,
+  ``reason``, ``context``, ``context_missing``, and ``payload_hash``, ``prev_hash``, ``hash``,
+  ``signature`` as lower-case hex (``signature`` and ``key_id`` null when not signed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, Final
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdc_audit.canonical import JsonValue, canonical_bytes
+from cdc_audit.checkpoints import Checkpoint
+from cdc_audit.errors import InvalidInput
+from cdc_audit.keys import PublicKey
+from cdc_audit.values import parse_json_exact
+from cdc_audit.verify import StoredEvent, StreamVerdict, StreamVerifier, TrailProblem, read_stream
+
+__all__ = ["ExportRange", "export_stream", "verify_export"]
+
+_EVENT_KEYS: Final = frozenset(
+    {
+        "type", "stream", "seq", "event_id", "commit_lsn", "commit_time", "xid", "kind",
+        "schema_name", "table_name", "row_key", "old", "new", "changed", "actor_id", "reason",
+        "context", "context_missing", "payload_hash", "prev_hash", "hash", "signature",
+        "key_id",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportRange:
+    from_seq: int = 1
+    to_seq: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def event_line(event: StoredEvent) -> dict[str, JsonValue]:
+    return {
+        "type": "event",
+        **event.header(),
+        **event.payload(),
+        "prev_hash": event.prev_hash.hex(),
+        "hash": event.hash.hex(),
+        "signature": None if event.signature is None else event.signature.hex(),
+        "key_id": event.key_id,
+    }
+
+
+def checkpoint_line(checkpoint: Checkpoint) -> dict[str, JsonValue]:
+    return {"type": "checkpoint", **checkpoint.record()}
+
+
+def export_stream(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    stream: str,
+    selection: ExportRange,
+    out: IO[bytes],
+) -> tuple[int, int, int]:
+    """Write the stream's events in `selection` with their checkpoints; (first, last, count).
+
+    The range is widened back to the checkpoint that precedes it, so the export verifies.
+    """
+    first, last = _resolve(conn, schema, stream, selection)
+    checkpoints = _checkpoints(conn, schema, stream)
+    before = [c for c in checkpoints if c.last_seq < first]
+    if before:
+        first = before[-1].last_seq + 1
+        out.write(canonical_bytes(checkpoint_line(before[-1])) + b"\n")
+    elif first > 1:
+        first = 1
+    after = iter([c for c in checkpoints if c.last_seq >= first])
+    upcoming = next(after, None)
+    count = 0
+    for event in read_stream(conn, schema, stream, first - 1):
+        if last is not None and event.seq > last:
+            break
+        out.write(canonical_bytes(event_line(event)) + b"\n")
+        count += 1
+        while upcoming is not None and upcoming.last_seq == event.seq:
+            out.write(canonical_bytes(checkpoint_line(upcoming)) + b"\n")
+            upcoming = next(after, None)
+    return first, first + count - 1, count
+
+
+def _resolve(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str, selection: ExportRange
+) -> tuple[int, int | None]:
+    """Turn times into sequence numbers: (first seq, last seq or None for the end)."""
+    first, last = selection.from_seq, selection.to_seq
+    table = sql.Identifier(schema)
+    if selection.since is not None:
+        row = conn.execute(
+            sql.SQL("SELECT min(seq) FROM {}.event WHERE stream = %s AND commit_time >= %s").format(
+                table
+            ),
+            (stream, selection.since),
+        ).fetchone()
+        first = max(first, row[0] if row and row[0] is not None else 1 << 62)
+    if selection.until is not None:
+        row = conn.execute(
+            sql.SQL("SELECT max(seq) FROM {}.event WHERE stream = %s AND commit_time < %s").format(
+                table
+            ),
+            (stream, selection.until),
+        ).fetchone()
+        bound = row[0] if row and row[0] is not None else 0
+        last = bound if last is None else min(last, bound)
+    return first, last
+
+
+def _checkpoints(conn: psycopg.Connection[TupleRow], schema: str, stream: str) -> list[Checkpoint]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT statement::text, signature FROM {}.checkpoint WHERE stream = %s"
+            " ORDER BY last_seq"
+        ).format(sql.Identifier(schema)),
+        (stream,),
+    ).fetchall()
+    return [
+        Checkpoint.from_record(
+            {"statement": parse_json_exact(text), "signature": bytes(sig).hex()},
+            f"{schema}.checkpoint",
+        )
+        for text, sig in rows
+    ]
+
+
+# ------------------------------------------------------------------------------ verifying
+
+
+class _Malformed(Exception):
+    """A line that is not a well-formed, canonical export line."""
+
+
+def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
+    """Verify an export file; the verdict names the first bad sequence number.
+
+    A line that is not a well-formed export line is an integrity failure too (an export is
+    evidence: an edited one must not pass as a shorter one).
+    """
+    with path.open("rb") as lines:
+        items = _parse(path, lines)
+        try:
+            first = next(items, None)
+        except _Malformed as exc:
+            return StreamVerifier("?", keys).verdict(TrailProblem(1, str(exc)))
+        if first is None:
+            raise InvalidInput(f"{path}: the export is empty")
+        verifier = StreamVerifier(first.stream, keys)
+        try:
+            if isinstance(first, Checkpoint):
+                verifier.start_after(first)
+            else:
+                verifier.event(first)
+            for item in items:
+                if isinstance(item, Checkpoint):
+                    verifier.checkpoint(item)
+                else:
+                    verifier.event(item)
+        except _Malformed as exc:
+            return verifier.verdict(TrailProblem(verifier.next_seq, str(exc)))
+        except TrailProblem as bad:
+            return verifier.verdict(bad)
+    return verifier.verdict()
+
+
+def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        record = parse_json_exact(raw.decode("utf-8", errors="replace").removesuffix("\n"))
+        if not isinstance(record, dict) or canonical_bytes(record) + b"\n" != raw:
+            raise _Malformed(f"line {number} is not a canonical export line (edited?)")
+        kind = record.get("type")
+        try:
+            if kind == "checkpoint":
+                body = {k: v for k, v in record.items() if k != "type"}
+                yield Checkpoint.from_record(body, where)
+            elif kind == "event":
+                yield _event(record, where)
+            else:
+                raise InvalidInput(f"{where}: unknown line type {kind!r}")
+        except InvalidInput as exc:
+            raise _Malformed(f"line {number}: {exc}") from None
+
+
+def _event(record: Mapping[str, Any], where: str) -> StoredEvent:
+    if set(record) != _EVENT_KEYS:
+        raise InvalidInput(f"{where}: an event line must have exactly the event fields")
+    try:
+        changed = record["changed"]
+        return StoredEvent(
+            stream=record["stream"],
+            seq=record["seq"],
+            event_id=record["event_id"],
+            commit_lsn=record["commit_lsn"],
+            commit_time=datetime.fromisoformat(record["commit_time"]),
+            xid=record["xid"],
+            kind=record["kind"],
+            schema_name=record["schema_name"],
+            table_name=record["table_name"],
+            row_key=record["row_key"],
+            old=record["old"],
+            new=record["new"],
+            changed=None if changed is None else tuple(changed),
+            actor_id=record["actor_id"],
+            reason=record["reason"],
+            context=record["context"],
+            context_missing=record["context_missing"],
+            payload_hash=bytes.fromhex(record["payload_hash"]),
+            prev_hash=bytes.fromhex(record["prev_hash"]),
+            hash=bytes.fromhex(record["hash"]),
+            signature=None if record["signature"] is None else bytes.fromhex(record["signature"]),
+            key_id=record["key_id"],
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: malformed event: {exc}") from None

@@ -1,0 +1,181 @@
+"""What `checkpoint`, `verify` and `export` do, behind the command line's argument parsing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+
+from cdc_audit import keys
+from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
+from cdc_audit.errors import CdcAuditError, InvalidInput, NotInstalled
+from cdc_audit.export import ExportRange, export_stream, verify_export
+from cdc_audit.policy import parse_policy
+from cdc_audit.trail import trail_streams
+from cdc_audit.values import parse_json_exact
+from cdc_audit.verify import StreamVerdict, verify_stream
+
+__all__ = [
+    "export_range",
+    "export_to",
+    "request_checkpoint",
+    "verify_database",
+    "verify_file",
+]
+
+_POLL = 0.2
+
+
+def _signed_heads(conn: psycopg.Connection[TupleRow], schema: str) -> dict[str, tuple[int, int]]:
+    """stream -> (last seq, last signed seq)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT e.stream, max(e.seq),"
+            " coalesce((SELECT max(c.last_seq) FROM {0}.checkpoint c"
+            " WHERE c.stream = e.stream), 0)"
+            " FROM {0}.event e GROUP BY e.stream"
+        ).format(sql.Identifier(schema))
+    ).fetchall()
+    conn.commit()
+    return {stream: (last, signed) for stream, last, signed in rows}
+
+
+def request_checkpoint(
+    conn: psycopg.Connection[TupleRow], schema: str, *, timeout: float
+) -> list[Checkpoint]:
+    """Ask the running worker to sign every stream's unsigned events; wait for it."""
+    _require_installed(conn, schema)
+    wanted = {s: last for s, (last, signed) in _signed_heads(conn, schema).items() if last > signed}
+    conn.execute(sql.SQL("SELECT {}.mark('checkpoint')").format(sql.Identifier(schema)))
+    conn.commit()
+    deadline = time.monotonic() + timeout
+    while True:
+        heads = _signed_heads(conn, schema)
+        if all(heads[s][1] >= last for s, last in wanted.items()):
+            break
+        if time.monotonic() > deadline:
+            raise CdcAuditError(
+                f"no checkpoint was signed within {timeout:g} s: is `cdc-audit worker` running,"
+                " with CDC_AUDIT_SIGNING_KEY_FILE set?"
+            )
+        time.sleep(_POLL)
+    return [c for s in sorted(wanted) for c in _newest_checkpoints(conn, schema, s, 1)]
+
+
+def _newest_checkpoints(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str, limit: int
+) -> list[Checkpoint]:
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT statement::text, signature FROM {}.checkpoint WHERE stream = %s"
+            " ORDER BY last_seq DESC LIMIT %s"
+        ).format(sql.Identifier(schema)),
+        (stream, limit),
+    ).fetchall()
+    conn.commit()
+    return [
+        Checkpoint.from_record(
+            {"statement": parse_json_exact(text), "signature": bytes(sig).hex()}, "checkpoint"
+        )
+        for text, sig in rows
+    ]
+
+
+def _require_installed(conn: psycopg.Connection[TupleRow], schema: str) -> None:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.event', %s::text)) IS NOT NULL", (schema,)
+    ).fetchone()
+    if not (row and row[0]):
+        conn.rollback()
+        raise NotInstalled(f"cdc-audit is not installed in schema {schema}: run cdc-audit apply")
+
+
+def _policy_anchor(conn: psycopg.Connection[TupleRow], schema: str) -> Path | None:
+    row = conn.execute(
+        sql.SQL(
+            "SELECT policy_text FROM {}.policy_version WHERE action = 'apply'"
+            " ORDER BY id DESC LIMIT 1"
+        ).format(sql.Identifier(schema))
+    ).fetchone()
+    if row is None:
+        return None
+    return parse_policy(row[0], "applied policy").checkpoints.anchor_dir
+
+
+def verify_database(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    stream: str | None,
+    anchor_dir: str | None,
+    progress: Callable[[str], None],
+) -> list[StreamVerdict]:
+    """Verify every stream (or one) against the registered keys and the anchor."""
+    _require_installed(conn, schema)
+    directory = Path(anchor_dir) if anchor_dir else _policy_anchor(conn, schema)
+    anchor = None if directory is None else DirectoryAnchor(directory, conn.info.dbname, schema)
+    registered = keys.registered_keys(conn, schema)
+    streams = [stream] if stream else trail_streams(conn, schema)
+    if stream and stream not in trail_streams(conn, schema):
+        raise InvalidInput(f"stream {stream} has no events in {schema}.event")
+    verdicts = []
+    for name in streams:
+        started = time.monotonic()
+
+        def report(done: int, name: str = name, started: float = started) -> None:
+            rate = done / max(time.monotonic() - started, 1e-9)
+            progress(f"verifying stream {name}: {done} events ({rate:,.0f}/s)")
+
+        verdicts.append(verify_stream(conn, schema, name, registered, anchor, report))
+    return verdicts
+
+
+def verify_file(path: Path, public_keys: Sequence[str]) -> StreamVerdict:
+    if not public_keys:
+        raise InvalidInput("verifying an export needs the signer's public key: --public-key KEY")
+    loaded = [keys.load_public_key(Path(p)) for p in public_keys]
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such export file")
+    return verify_export(path, {k.key_id: k for k in loaded})
+
+
+def export_range(
+    from_seq: int, to_seq: int | None, since: str | None, until: str | None
+) -> ExportRange:
+    if from_seq < 1 or (to_seq is not None and to_seq < from_seq):
+        raise InvalidInput("--from-seq must be at least 1 and --to-seq not below it")
+    return ExportRange(from_seq, to_seq, _time("--since", since), _time("--until", until))
+
+
+def _time(option: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{option}: {text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"{option}: {text!r} needs a time zone (e.g. Z or +02:00)")
+    return moment
+
+
+def export_to(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    stream: str,
+    selection: ExportRange,
+    output: str,
+) -> tuple[int, int, int]:
+    _require_installed(conn, schema)
+    if output == "-":
+        return export_stream(conn, schema, stream, selection, sys.stdout.buffer)
+    try:
+        with Path(output).open("xb") as out:
+            return export_stream(conn, schema, stream, selection, out)
+    except FileExistsError:
+        raise InvalidInput(f"{output} already exists; refusing to overwrite an export") from None
