@@ -15,10 +15,12 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from . import __version__, installer, keys, logs, status, trail_commands
+from .canonical import canonical_bytes
 from .db import connect
 from .errors import CdcAuditError, IntegrityError, InvalidInput
 from .names import InstallNames
 from .policy import LoadedPolicy, load_policy
+from .proof import make_proof, verify_proof
 from .settings import Settings
 from .worker import Worker, WorkerOptions, install_signal_handlers
 
@@ -153,7 +155,20 @@ def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_prove(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        proof = make_proof(conn, schema, args.event_id)
+    trail_commands.write_new(Path(args.output), canonical_bytes(proof) + b"\n", "proof")
+    _say(f"wrote the inclusion proof of event {args.event_id} to {args.output}")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    if args.proof is not None:
+        proven = verify_proof(Path(args.proof), trail_commands.public_keys(args.public_key))
+        print(proven.describe())
+        return 0
     if args.file is not None:
         verdicts = [trail_commands.verify_file(Path(args.file), args.public_key)]
     else:
@@ -306,9 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--stream", help="verify only this stream")
     verify.add_argument("--anchor", metavar="DIR", help="anchor directory (default: the policy's)")
     verify.add_argument("--file", metavar="EXPORT", help="verify an export, with no database")
+    verify.add_argument("--proof", metavar="PROOF", help="verify an inclusion proof (offline)")
     verify.add_argument(
         "--public-key", action="append", default=[], metavar="KEY", help="public key file(s)"
     )
+    prove = command("prove", cmd_prove, "an inclusion proof of one event, checkable offline")
+    prove.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    prove.add_argument("event_id", metavar="EVENT_ID")
+    prove.add_argument("--output", required=True, metavar="PROOF.json")
     export = command("export", cmd_export, "write a stream and its checkpoints as JSON Lines")
     export.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
     export.add_argument("--stream", required=True)

@@ -31,9 +31,23 @@ from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import InvalidInput
 from cdc_audit.keys import PublicKey
 from cdc_audit.values import parse_json_exact
-from cdc_audit.verify import StoredEvent, StreamVerdict, StreamVerifier, TrailProblem, read_stream
+from cdc_audit.verify import (
+    StoredEvent,
+    StreamVerdict,
+    StreamVerifier,
+    TrailProblem,
+    read_stream,
+    stored_checkpoints,
+)
 
-__all__ = ["ExportRange", "export_stream", "verify_export"]
+__all__ = [
+    "ExportRange",
+    "checkpoint_line",
+    "event_from_line",
+    "event_line",
+    "export_stream",
+    "verify_export",
+]
 
 _EVENT_KEYS: Final = frozenset(
     {
@@ -81,7 +95,7 @@ def export_stream(
     The range is widened back to the checkpoint that precedes it, so the export verifies.
     """
     first, last = _resolve(conn, schema, stream, selection)
-    checkpoints = _checkpoints(conn, schema, stream)
+    checkpoints = stored_checkpoints(conn, schema, stream)
     before = [c for c in checkpoints if c.last_seq < first]
     if before:
         first = before[-1].last_seq + 1
@@ -126,23 +140,6 @@ def _resolve(
         bound = row[0] if row and row[0] is not None else 0
         last = bound if last is None else min(last, bound)
     return first, last
-
-
-def _checkpoints(conn: psycopg.Connection[TupleRow], schema: str, stream: str) -> list[Checkpoint]:
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT statement::text, signature FROM {}.checkpoint WHERE stream = %s"
-            " ORDER BY last_seq"
-        ).format(sql.Identifier(schema)),
-        (stream,),
-    ).fetchall()
-    return [
-        Checkpoint.from_record(
-            {"statement": parse_json_exact(text), "signature": bytes(sig).hex()},
-            f"{schema}.checkpoint",
-        )
-        for text, sig in rows
-    ]
 
 
 # ------------------------------------------------------------------------------ verifying
@@ -196,14 +193,17 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
                 body = {k: v for k, v in record.items() if k != "type"}
                 yield Checkpoint.from_record(body, where)
             elif kind == "event":
-                yield _event(record, where)
+                yield event_from_line(record, where)
             else:
                 raise InvalidInput(f"{where}: unknown line type {kind!r}")
         except InvalidInput as exc:
             raise _Malformed(f"line {number}: {exc}") from None
 
 
-def _event(record: Mapping[str, Any], where: str) -> StoredEvent:
+def event_from_line(record: Any, where: str) -> StoredEvent:
+    """An event line (or a proof's event) back into a StoredEvent; InvalidInput if malformed."""
+    if not isinstance(record, dict) or record.get("type") != "event":
+        raise InvalidInput(f"{where}: not an event line")
     if set(record) != _EVENT_KEYS:
         raise InvalidInput(f"{where}: an event line must have exactly the event fields")
     try:

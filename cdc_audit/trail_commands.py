@@ -24,9 +24,11 @@ from cdc_audit.verify import StreamVerdict, verify_stream
 __all__ = [
     "export_range",
     "export_to",
+    "public_keys",
     "request_checkpoint",
     "verify_database",
     "verify_file",
+    "write_new",
 ]
 
 _POLL = 0.2
@@ -135,13 +137,30 @@ def verify_database(
     return verdicts
 
 
-def verify_file(path: Path, public_keys: Sequence[str]) -> StreamVerdict:
-    if not public_keys:
-        raise InvalidInput("verifying an export needs the signer's public key: --public-key KEY")
-    loaded = [keys.load_public_key(Path(p)) for p in public_keys]
+def public_keys(paths: Sequence[str]) -> dict[str, keys.PublicKey]:
+    """The given public key files by key id; offline verification needs at least one."""
+    if not paths:
+        raise InvalidInput("offline verification needs the signer's public key: --public-key KEY")
+    loaded = [keys.load_public_key(Path(p)) for p in paths]
+    return {k.key_id: k for k in loaded}
+
+
+def verify_file(path: Path, public_key_files: Sequence[str]) -> StreamVerdict:
+    found = public_keys(public_key_files)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such export file")
-    return verify_export(path, {k.key_id: k for k in loaded})
+    return verify_export(path, found)
+
+
+def write_new(path: Path, data: bytes, what: str) -> None:
+    """Write a file that must not exist yet (exports and proofs are never overwritten)."""
+    try:
+        with path.open("xb") as out:
+            out.write(data)
+    except FileExistsError:
+        raise InvalidInput(f"{path} already exists; refusing to overwrite a {what}") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot write the {what}: {exc.strerror}") from None
 
 
 def export_range(

@@ -37,6 +37,7 @@ __all__ = [
     "StreamVerdict",
     "StreamVerifier",
     "read_stream",
+    "stored_checkpoints",
     "verify_events",
     "verify_stream",
 ]
@@ -326,7 +327,7 @@ def verify_stream(
     """
     if keys is None:
         keys = registered_keys(conn, schema)
-    checkpoints = _stored_checkpoints(conn, schema, stream)
+    checkpoints = stored_checkpoints(conn, schema, stream)
     verifier = StreamVerifier(stream, keys)
     pending = iter(checkpoints)
     upcoming = next(pending, None)
@@ -381,7 +382,7 @@ def _compare_anchor(
     return anchored[-1].last_seq if anchored else 0
 
 
-def _stored_checkpoints(
+def stored_checkpoints(
     conn: psycopg.Connection[TupleRow], schema: str, stream: str
 ) -> list[Checkpoint]:
     rows = conn.execute(
