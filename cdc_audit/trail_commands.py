@@ -16,6 +16,7 @@ from cdc_audit import keys
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.errors import CdcAuditError, InvalidInput, NotInstalled
 from cdc_audit.export import ExportRange, export_stream, verify_export
+from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.policy import parse_policy
 from cdc_audit.trail import trail_streams
 from cdc_audit.values import parse_json_exact
@@ -34,51 +35,37 @@ __all__ = [
 _POLL = 0.2
 
 
-def _signed_heads(conn: psycopg.Connection[TupleRow], schema: str) -> dict[str, tuple[int, int]]:
-    """stream -> (last seq, last signed seq)."""
-    rows = conn.execute(
-        sql.SQL(
-            "SELECT e.stream, max(e.seq),"
-            " coalesce((SELECT max(c.last_seq) FROM {0}.checkpoint c"
-            " WHERE c.stream = e.stream), 0)"
-            " FROM {0}.event e GROUP BY e.stream"
-        ).format(sql.Identifier(schema))
-    ).fetchall()
-    conn.commit()
-    return {stream: (last, signed) for stream, last, signed in rows}
-
-
 def request_checkpoint(
     conn: psycopg.Connection[TupleRow], schema: str, *, timeout: float
 ) -> list[Checkpoint]:
-    """Ask the running worker to sign every stream's unsigned events; wait for it."""
+    """Ask the running worker to sign every stream's unsigned events; the checkpoints it made.
+
+    The request is a marker in the stream: once the worker has confirmed past it, everything
+    committed before the request is sealed and signed.
+    """
     _require_installed(conn, schema)
-    wanted = {s: last for s, (last, signed) in _signed_heads(conn, schema).items() if last > signed}
-    conn.execute(sql.SQL("SELECT {}.mark('checkpoint')").format(sql.Identifier(schema)))
+    table = sql.Identifier(schema)
+    row = conn.execute(
+        sql.SQL("SELECT {}.mark('checkpoint')::text, clock_timestamp()").format(table)
+    ).fetchone()
     conn.commit()
+    assert row is not None
+    marker, requested_at = parse_lsn(row[0]), row[1]
+    slot = _slot_name(conn, schema)
     deadline = time.monotonic() + timeout
-    while True:
-        heads = _signed_heads(conn, schema)
-        if all(heads[s][1] >= last for s, last in wanted.items()):
-            break
+    while _confirmed(conn, slot) <= marker:
         if time.monotonic() > deadline:
             raise CdcAuditError(
                 f"no checkpoint was signed within {timeout:g} s: is `cdc-audit worker` running,"
                 " with CDC_AUDIT_SIGNING_KEY_FILE set?"
             )
         time.sleep(_POLL)
-    return [c for s in sorted(wanted) for c in _newest_checkpoints(conn, schema, s, 1)]
-
-
-def _newest_checkpoints(
-    conn: psycopg.Connection[TupleRow], schema: str, stream: str, limit: int
-) -> list[Checkpoint]:
     rows = conn.execute(
         sql.SQL(
-            "SELECT statement::text, signature FROM {}.checkpoint WHERE stream = %s"
-            " ORDER BY last_seq DESC LIMIT %s"
-        ).format(sql.Identifier(schema)),
-        (stream, limit),
+            "SELECT statement::text, signature FROM {}.checkpoint WHERE created_at >= %s"
+            " ORDER BY stream, last_seq"
+        ).format(table),
+        (requested_at,),
     ).fetchall()
     conn.commit()
     return [
@@ -87,6 +74,27 @@ def _newest_checkpoints(
         )
         for text, sig in rows
     ]
+
+
+def _slot_name(conn: psycopg.Connection[TupleRow], schema: str) -> str:
+    row = conn.execute(
+        sql.SQL("SELECT value FROM {}.install_setting WHERE key = 'slot_name'").format(
+            sql.Identifier(schema)
+        )
+    ).fetchone()
+    if row is None:
+        raise NotInstalled(f"no replication slot is recorded in {schema}: run cdc-audit apply")
+    return str(row[0])
+
+
+def _confirmed(conn: psycopg.Connection[TupleRow], slot: str) -> int:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots"
+        " WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    conn.commit()
+    return parse_lsn(row[0]) if row is not None and row[0] is not None else 0
 
 
 def _require_installed(conn: psycopg.Connection[TupleRow], schema: str) -> None:
