@@ -54,6 +54,8 @@ replica identity flags."""
 
 # Keys of context messages that describe the message, not the transaction's actor.
 _BOOKKEEPING: Final = frozenset({"v", "generation", "stream"})
+# Keys of an erasure message that say what was erased and why (stored in `new`).
+_ERASURE_FIELDS: Final = ("event_id", "stream", "seq", "schema_name", "table_name", "why")
 # Keys of an app event that are the event itself (stored in `new`).
 _APP_FIELDS: Final = ("action", "resource", "outcome", "details")
 # Keys of app and DDL messages that describe who acted and how (stored in `context`): what
@@ -136,6 +138,7 @@ class TransactionAssembler:
         self._prefix_ctx = f"{schema}.ctx"
         self._prefix_app = f"{schema}.app"
         self._prefix_ddl = f"{schema}.ddl"
+        self._prefix_erase = f"{schema}.erase"
         self._relations.clear()
         for relation in self._announced.values():
             self._relation(relation)
@@ -283,6 +286,8 @@ class TransactionAssembler:
                 stream = self._policy.app_events.stream
             new = {key: content.get(key) for key in _APP_FIELDS}
             return [self._message_draft(message, "app", stream, content, new)]
+        if prefix == self._prefix_erase:
+            return [self._erasure(message)]
         if prefix == self._prefix_ddl:
             if self._policy.ddl is None:
                 return []
@@ -290,6 +295,17 @@ class TransactionAssembler:
             new = {k: v for k, v in content.items() if k not in _CONTEXT_KEYS | _BOOKKEEPING}
             return [self._message_draft(message, "ddl", self._policy.ddl.stream, content, new)]
         return []
+
+    def _erasure(self, message: LogicalMessage) -> DraftEvent:
+        """An erase_event call: recorded in the DDL stream (administrative acts), else in the
+        erased event's own stream."""
+        content = _content(message)
+        stream = self._policy.ddl.stream if self._policy.ddl is not None else None
+        if stream is None:
+            named = content.get("stream")
+            stream = named if isinstance(named, str) else next(iter(self._policy.streams))
+        new = {k: content.get(k) for k in _ERASURE_FIELDS}
+        return self._message_draft(message, "erasure", stream, content, new)
 
     def _context_message(self, message: LogicalMessage) -> None:
         # A context outside a transaction has no changes to attach to.

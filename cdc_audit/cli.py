@@ -186,6 +186,16 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_erase(args: argparse.Namespace, settings: Settings) -> int:
+    schema = _schema(args, settings)
+    with connect(_dsn(args, settings)) as conn:
+        erased = trail_commands.erase(
+            conn, schema, event_id=args.event, table=args.table, key=args.key, reason=args.reason
+        )
+    _say(f"erased the payload of {erased} event(s); the erasure is recorded in the trail")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     schema = _schema(args, settings)
     selection = trail_commands.export_range(args.from_seq, args.to_seq, args.since, args.until)
@@ -329,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     prove.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
     prove.add_argument("event_id", metavar="EVENT_ID")
     prove.add_argument("--output", required=True, metavar="PROOF.json")
+    erase = command("erase", cmd_erase, "erase event payloads (headers and hashes stay)")
+    erase.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
+    target = erase.add_mutually_exclusive_group(required=True)
+    target.add_argument("--event", metavar="EVENT_ID", help="one event")
+    target.add_argument("--table", metavar="TABLE", help="every event of one row (with --key)")
+    erase.add_argument("--key", metavar="KEY", help='row key: id=42 or {"id": 42}')
+    erase.add_argument("--reason", required=True, help="why (recorded in the trail)")
     export = command("export", cmd_export, "write a stream and its checkpoints as JSON Lines")
     export.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
     export.add_argument("--stream", required=True)

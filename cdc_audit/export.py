@@ -11,7 +11,8 @@ changed anywhere changes what is verified), in stream order:
   ``event_id``, ``commit_lsn``, ``commit_time`` (ISO 8601 UTC), ``xid``, ``kind``,
   ``schema_name``, ``table_name``, ``row_key``, ``old``, ``new``, ``changed``, ``actor_id``,
   ``reason``, ``context``, ``context_missing``, and ``payload_hash``, ``prev_hash``, ``hash``,
-  ``signature`` as lower-case hex (``signature`` and ``key_id`` null when not signed).
+  ``signature`` as lower-case hex (``signature`` and ``key_id`` null when not signed), and
+  ``erased`` (true when the payload was erased: its fields are null, payload_hash remains).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ _EVENT_KEYS: Final = frozenset(
         "type", "stream", "seq", "event_id", "commit_lsn", "commit_time", "xid", "kind",
         "schema_name", "table_name", "row_key", "old", "new", "changed", "actor_id", "reason",
         "context", "context_missing", "payload_hash", "prev_hash", "hash", "signature",
-        "key_id",
+        "key_id", "erased",
     }
 )  # fmt: skip
 
@@ -76,6 +77,7 @@ def event_line(event: StoredEvent) -> dict[str, JsonValue]:
         "hash": event.hash.hex(),
         "signature": None if event.signature is None else event.signature.hex(),
         "key_id": event.key_id,
+        "erased": event.erased,
     }
 
 
@@ -231,6 +233,7 @@ def event_from_line(record: Any, where: str) -> StoredEvent:
             hash=bytes.fromhex(record["hash"]),
             signature=None if record["signature"] is None else bytes.fromhex(record["signature"]),
             key_id=record["key_id"],
+            erased=record["erased"] is True,
         )
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{where}: malformed event: {exc}") from None

@@ -70,6 +70,8 @@ class InstallNames:
             "msg_app": sql.Literal(self.message_prefix("app")),
             "msg_ddl": sql.Literal(self.message_prefix("ddl")),
             "msg_mark": sql.Literal(self.message_prefix("mark")),
+            "msg_erase": sql.Literal(self.message_prefix("erase")),
+            "guc_erasing": sql.Literal(self.setting("erasing")),
             "app_stream": sql.SQL("{}::text").format(sql.Literal(app_stream)),
         }
         for suffix, role in self.roles.items():

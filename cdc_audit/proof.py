@@ -123,7 +123,9 @@ def verify_proof(path: Path, keys: Mapping[str, PublicKey]) -> ProofVerdict:
         raise fail("checkpoint signature invalid")
     if event.stream != checkpoint.stream or index != event.seq - checkpoint.first_seq:
         raise fail("the event is not at the position the proof claims in the checkpoint")
-    if hashlib.sha256(canonical_bytes(event.payload())).digest() != event.payload_hash:
+    if not event.erased and (
+        hashlib.sha256(canonical_bytes(event.payload())).digest() != event.payload_hash
+    ):
         raise fail("payload changed: it does not match its payload_hash")
     if hashlib.sha256(event.prev_hash + canonical_bytes(event.header())).digest() != event.hash:
         raise fail("header changed: the event's hash does not match its fields")

@@ -63,5 +63,6 @@ RUNTIME_FILES = (
     "runtime/ddl.sql",
     "runtime/partitions.sql",
     "runtime/worker.sql",
+    "runtime/erasure.sql",
     "runtime/grants.sql",
 )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -13,18 +15,22 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdc_audit import keys
+from cdc_audit.canonical import MAX_SAFE_INT, JsonValue, canonical_bytes
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.errors import CdcAuditError, InvalidInput, NotInstalled
 from cdc_audit.export import ExportRange, export_stream, verify_export
 from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.policy import parse_policy
+from cdc_audit.predicate import parse_table_name
 from cdc_audit.trail import trail_streams
 from cdc_audit.values import parse_json_exact
 from cdc_audit.verify import StreamVerdict, verify_stream
 
 __all__ = [
+    "erase",
     "export_range",
     "export_to",
+    "parse_row_key",
     "public_keys",
     "request_checkpoint",
     "verify_database",
@@ -142,7 +148,30 @@ def verify_database(
             progress(f"verifying stream {name}: {done} events ({rate:,.0f}/s)")
 
         verdicts.append(verify_stream(conn, schema, name, registered, anchor, report))
-    return verdicts
+    return _check_erasures(conn, schema, verdicts)
+
+
+def _check_erasures(
+    conn: psycopg.Connection[TupleRow], schema: str, verdicts: list[StreamVerdict]
+) -> list[StreamVerdict]:
+    """An erased payload must have its erasure recorded in the trail, or it was just removed."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT e.stream, e.seq FROM {0}.event e WHERE e.erased_at IS NOT NULL"
+            " AND e.event_id::text NOT IN (SELECT r.new ->> 'event_id' FROM {0}.event r"
+            " WHERE r.kind = 'erasure' AND r.new ->> 'event_id' IS NOT NULL)"
+            " ORDER BY e.stream, e.seq LIMIT 1"
+        ).format(sql.Identifier(schema))
+    ).fetchone()
+    conn.commit()
+    if row is None:
+        return verdicts
+    stream, seq = row
+    problem = "payload erased without a recorded erasure (or the worker has not sealed it yet)"
+    return [
+        replace(v, first_bad_seq=seq, problem=problem) if v.stream == stream and v.ok else v
+        for v in verdicts
+    ]
 
 
 def public_keys(paths: Sequence[str]) -> dict[str, keys.PublicKey]:
@@ -206,3 +235,77 @@ def export_to(
             return export_stream(conn, schema, stream, selection, out)
     except FileExistsError:
         raise InvalidInput(f"{output} already exists; refusing to overwrite an export") from None
+
+
+def erase(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    *,
+    event_id: str | None,
+    table: str | None,
+    key: str | None,
+    reason: str,
+) -> int:
+    """Erase the payload of one event, or of every event of one row; the count erased.
+
+    One transaction: either every matching payload is erased (and each erasure recorded) or
+    none is.
+    """
+    _require_installed(conn, schema)
+    if not reason.strip():
+        raise InvalidInput("--reason must say why the payload is erased")
+    ids = [_event_id(event_id)] if event_id else _row_event_ids(conn, schema, table, key)
+    if not ids:
+        raise InvalidInput("no event matches: nothing erased")
+    erase_one = sql.SQL("SELECT {}.erase_event(%s, %s)").format(sql.Identifier(schema))
+    erased = 0
+    with conn.transaction():
+        for target in ids:
+            row = conn.execute(erase_one, (target, reason)).fetchone()
+            erased += int(row[0]) if row else 0
+    return erased
+
+
+def _event_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise InvalidInput(f"{text!r} is not an event id (a UUID)") from None
+
+
+def _row_event_ids(
+    conn: psycopg.Connection[TupleRow], schema: str, table: str | None, key: str | None
+) -> list[str]:
+    if table is None or key is None:
+        raise InvalidInput("say what to erase: --event EVENT_ID, or --table TABLE --key KEY")
+    try:
+        name = parse_table_name(table)
+    except ValueError as exc:
+        raise InvalidInput(f"--table: {exc}") from None
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT event_id::text FROM {}.event WHERE schema_name = %s AND table_name = %s"
+            " AND row_key = %s::jsonb AND erased_at IS NULL ORDER BY stream, seq"
+        ).format(sql.Identifier(schema)),
+        (name.schema, name.name, canonical_bytes(parse_row_key(key)).decode()),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def parse_row_key(text: str) -> dict[str, JsonValue]:
+    """A row key as JSON (``{"id": 42}``) or as ``column=value[,column=value]`` pairs, where
+    values made of digits are numbers (as the trail stores integer keys) and others text."""
+    if text.lstrip().startswith("{"):
+        value = parse_json_exact(text)
+        if not isinstance(value, dict):
+            raise InvalidInput(f"--key: {text!r} is not a JSON object")
+        return value
+    key: dict[str, JsonValue] = {}
+    for pair in text.split(","):
+        column, sep, raw = pair.partition("=")
+        if not sep or not column.strip():
+            raise InvalidInput(f"--key: expected column=value, got {pair!r}")
+        number = raw.strip()
+        is_int = number.lstrip("-").isdigit() and abs(int(number)) <= MAX_SAFE_INT
+        key[column.strip()] = int(number) if is_int else raw
+    return key

@@ -72,6 +72,8 @@ class StoredEvent:
     hash: bytes
     signature: bytes | None = None
     key_id: str | None = None
+    erased: bool = False
+    """The payload was erased (erase_event): its fields are null, payload_hash stays."""
 
     def payload(self) -> dict[str, JsonValue]:
         return payload_object(self)
@@ -105,6 +107,7 @@ class StreamVerdict:
     """last_seq of the newest valid checkpoint (0: nothing signed)."""
     anchored_up_to: int | None = None
     """last_seq of the newest anchored checkpoint; None when there is no anchor."""
+    erased: int = 0
 
     @property
     def ok(self) -> bool:
@@ -123,6 +126,8 @@ class StreamVerdict:
         ]
         if self.checkpoints and unsigned:
             parts.append(f"{unsigned} newer event(s) not yet signed")
+        if self.erased:
+            parts.append(f"{self.erased} erased payload(s)")
         if self.anchored_up_to is None:
             parts.append("unanchored")
         else:
@@ -157,6 +162,7 @@ class StreamVerifier:
         self.checked = 0
         self.checkpoints = 0
         self.signed_up_to = 0
+        self.erased = 0
 
     def start_after(self, checkpoint: Checkpoint) -> None:
         """Begin after `checkpoint` (whose own range is not available), trusting its signature."""
@@ -178,7 +184,11 @@ class StreamVerifier:
             )
         if event.prev_hash != self.prev:
             raise TrailProblem(seq, "link broken: prev_hash is not the previous event's hash")
-        if hashlib.sha256(canonical_bytes(event.payload())).digest() != event.payload_hash:
+        if event.erased:
+            if any(value is not None for value in event.payload().values()):
+                raise TrailProblem(seq, "payload changed: marked erased but not empty")
+            self.erased += 1
+        elif hashlib.sha256(canonical_bytes(event.payload())).digest() != event.payload_hash:
             raise TrailProblem(seq, "payload changed: it does not match its payload_hash")
         if hashlib.sha256(self.prev + canonical_bytes(event.header())).digest() != event.hash:
             raise TrailProblem(seq, "header changed: the event's hash does not match its fields")
@@ -242,6 +252,7 @@ class StreamVerifier:
             checkpoints=self.checkpoints,
             signed_up_to=self.signed_up_to,
             anchored_up_to=anchored_up_to,
+            erased=self.erased,
         )
 
 
@@ -281,6 +292,7 @@ def _stored(row: tuple[Any, ...]) -> StoredEvent:
         hash=bytes(row[19]),
         signature=None if row[20] is None else bytes(row[20]),
         key_id=row[21],
+        erased=row[22],
     )
 
 
@@ -291,7 +303,8 @@ def read_stream(
     query = sql.SQL(
         "SELECT stream, seq, event_id, commit_lsn::text, commit_time, xid, kind, schema_name,"
         " table_name, row_key::text, old::text, new::text, changed, actor_id, reason,"
-        " context::text, context_missing, payload_hash, prev_hash, hash, signature, key_id"
+        " context::text, context_missing, payload_hash, prev_hash, hash, signature, key_id,"
+        " erased_at IS NOT NULL"
         " FROM {}.event WHERE stream = %s AND seq > %s ORDER BY seq"
     ).format(sql.Identifier(schema))
     # A server-side cursor lives in a transaction, whatever the connection's mode.

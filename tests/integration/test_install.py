@@ -136,7 +136,9 @@ def test_upgrade_from_an_older_schema_keeps_recorded_events(
     apply(db, policy)
     assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == LATEST_MIGRATION
     assert db.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'event_actor_time'") == 1
-    assert db.execute("SELECT * FROM cdc_audit.event") == before
+    # Later migrations may add columns at the end; what was recorded stays as it was.
+    after = db.execute("SELECT * FROM cdc_audit.event")
+    assert [row[: len(before[0])] for row in after] == before
     assert plan_text(db, policy) == ""
 
 

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from .fix_policy import BASE_POLICY, WritePolicy
@@ -250,3 +251,71 @@ def test_an_export_from_the_middle_verifies_from_the_preceding_checkpoint(signed
     verify = signed.cli("verify", "--file", str(export), "--public-key", signed.pub())
     assert verify.returncode == 0, verify.stdout
     assert "15 events verified" in verify.stdout and "unanchored" in verify.stdout
+
+
+def test_erasure_removes_payloads_keeps_the_chain_and_is_recorded(signed: Signed) -> None:
+    signed.keygen("k1")
+    signed.write(12)
+    signed.drain()
+    target = str(
+        signed.db.scalar("SELECT event_id FROM cdc_audit.event WHERE stream = 'user' AND seq = 3")
+    )
+    one = signed.cli("erase", "--event", target, "--reason", "GDPR request 17")
+    assert one.returncode == 0, one.stderr
+    by_key = signed.cli("erase", "--table", "accounts", "--key", "id=7", "--reason", "GDPR 18")
+    assert by_key.returncode == 0 and "of 1 event(s)" in by_key.stderr
+    signed.drain()
+    erased = signed.db.execute(
+        "SELECT seq, new IS NULL AND old IS NULL AND actor_id IS NULL AND row_key IS NULL,"
+        " erased_at IS NOT NULL FROM cdc_audit.event WHERE erased_at IS NOT NULL ORDER BY seq"
+    )
+    assert erased == [(3, True, True), (8, True, True)]
+    recorded = signed.db.execute(
+        "SELECT new->>'seq', new->>'why' FROM cdc_audit.event WHERE kind = 'erasure' ORDER BY seq"
+    )
+    assert recorded == [("3", "GDPR request 17"), ("8", "GDPR 18")]
+    verify = signed.cli("verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "2 erased payload(s)" in verify.stdout
+    export = signed.tmp / "erased.jsonl"
+    assert signed.cli("export", "--stream", "user", "--output", str(export)).returncode == 0
+    offline = signed.cli("verify", "--file", str(export), "--public-key", signed.pub())
+    assert offline.returncode == 0, offline.stdout
+    assert '"erased":true' in export.read_text()
+    again = signed.cli("erase", "--event", target, "--reason", "twice")
+    assert again.returncode == 0 and "of 0 event(s)" in again.stderr
+
+
+def test_an_erasure_not_done_through_erase_is_caught(signed: Signed) -> None:
+    signed.keygen("k1")
+    signed.write(5)
+    signed.drain()
+    with signed.db.connect() as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "UPDATE cdc_audit.event SET new = NULL, old = NULL, row_key = NULL, actor_id = NULL,"
+            " reason = NULL, context = NULL, changed = NULL, erased_at = now()"
+            " WHERE stream = 'user' AND seq = 2"
+        )
+    verify = signed.cli("verify")
+    assert verify.returncode == 1
+    assert "stream user: FAILED at seq 2: payload erased without a recorded erasure" in (
+        verify.stdout
+    )
+
+
+def test_the_guard_allows_only_a_whole_erasure(signed: Signed) -> None:
+    signed.keygen("k1")
+    signed.write(2)
+    signed.drain()
+    with signed.db.connect() as conn:
+        conn.execute("SET ROLE cdc_audit_owner")
+        conn.execute("SELECT set_config('cdc_audit.erasing', 'on', false)")
+        with pytest.raises(psycopg.DatabaseError, match="append-only"):
+            conn.execute("UPDATE cdc_audit.event SET actor_id = 'forged' WHERE seq = 1")
+        with pytest.raises(psycopg.DatabaseError, match="append-only"):
+            conn.execute(
+                "UPDATE cdc_audit.event SET new = NULL, old = NULL, row_key = NULL,"
+                " actor_id = NULL, reason = NULL, context = NULL, changed = NULL,"
+                " erased_at = now(), kind = 'app' WHERE seq = 1"
+            )

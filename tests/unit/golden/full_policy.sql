@@ -24,6 +24,8 @@ CREATE SCHEMA "cdc_audit" AUTHORIZATION "cdc_audit_owner";
 
 -- audit schema migration 0003 worker_progress
 
+-- audit schema migration 0004 erasure
+
 -- context, application event and DDL capture functions; privileges
 
 -- monthly partitions of the trail, from last month to three months ahead
@@ -117,7 +119,7 @@ tables:
     old_values: key
 ddl: {stream: admin}
 app_events: {stream: user}
-', 3, '0.1.0');
+', 4, '0.1.0');
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('slot_name', 'cdc_audit_shop') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT pg_logical_emit_message(true, 'cdc_audit.policy', (SELECT max(id)::text FROM "cdc_audit".policy_version));
 
