@@ -1,4 +1,5 @@
-"""When and what the worker signs: one checkpoint per stream every N events or T seconds.
+"""What the worker signs: a checkpoint per stream for every batch it writes (and every N
+events within a batch, which bounds a range).
 
 The checkpointer follows each stream's events as they are sealed, keeping only what the next
 checkpoint needs: where its range starts and the hashes of the range for its Merkle root.
@@ -6,7 +7,6 @@ checkpoint needs: where its range starts and the hashes of the range for its Mer
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -25,8 +25,6 @@ class _Range:
 
     first_seq: int
     hashes: list[bytes] = field(default_factory=list)
-    started: float | None = None
-    """Monotonic time of the first event of the range (for every_seconds)."""
 
 
 class Checkpointer:
@@ -35,13 +33,10 @@ class Checkpointer:
         key: SigningKey,
         policy: CheckpointPolicy,
         *,
-        clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] | None = None,
     ) -> None:
         self.key = key
         self.every_events = policy.every_events
-        self.every_seconds = policy.every_seconds
-        self._clock = clock
         self._now = now if now is not None else (lambda: datetime.now(UTC))
         self._ranges: dict[str, _Range] = {}
 
@@ -51,27 +46,13 @@ class Checkpointer:
     def load(self, stream: str, last_checkpoint_seq: int, hashes: Iterable[bytes]) -> None:
         """Start following `stream`, whose last checkpoint ends at `last_checkpoint_seq`
         (0 for none) and whose events after it have `hashes`."""
-        pending = _Range(last_checkpoint_seq + 1, list(hashes))
-        if pending.hashes:
-            pending.started = self._clock()
-        self._ranges[stream] = pending
+        self._ranges[stream] = _Range(last_checkpoint_seq + 1, list(hashes))
 
     def add(self, stream: str, digest: bytes) -> bool:
         """Follow one more sealed event; True when the stream's range is full."""
         pending = self._ranges[stream]
-        if not pending.hashes:
-            pending.started = self._clock()
         pending.hashes.append(digest)
         return len(pending.hashes) >= self.every_events
-
-    def due(self) -> list[str]:
-        """Streams whose range is older than every_seconds."""
-        now = self._clock()
-        return [
-            stream
-            for stream, pending in self._ranges.items()
-            if pending.started is not None and now - pending.started >= self.every_seconds
-        ]
 
     def pending(self) -> list[str]:
         """Streams with events not yet covered by a checkpoint."""

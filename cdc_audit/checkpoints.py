@@ -19,9 +19,12 @@ the previous checkpoint of that stream, so consecutive checkpoints tile the stre
 
 and its **signature** is Ed25519 over the canonical bytes of the statement.
 
-The **anchor** keeps one file per checkpoint, never overwritten:
+The **anchor** keeps one file per anchored checkpoint, never overwritten:
 ``<anchor_dir>/<database>/<schema>/<stream>/<last_seq, 20 digits>.json`` holding the
-canonical JSON ``{"signature": hex, "statement": {...}}``. A superuser who rewrites or cuts
+canonical JSON ``{"signature": hex, "statement": {...}}``, and the public key of every key
+the worker signed with: ``<anchor_dir>/<database>/<schema>/keys/<key_id>.pub.pem``. The worker
+signs every batch it writes and anchors a checkpoint every N events or T seconds per stream
+and when it stops. A superuser who rewrites or cuts
 the trail cannot rewrite the anchor too when it lives elsewhere (another host, a WORM bucket).
 """
 
@@ -177,6 +180,39 @@ class DirectoryAnchor:
         finally:
             os.close(fd)
         return True
+
+    def write_key(self, key_id: str, public_pem: str) -> bool:
+        """Record a signing key's public half next to the checkpoints it will sign.
+
+        The anchor is the auditor's root of trust for keys too: a key that only the database's
+        key table knows (a superuser can add one) signs nothing the anchor vouches for.
+        """
+        directory = self.base / "keys"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{_component(key_id)}.pub.pem"
+        data = public_pem.encode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        except FileExistsError:
+            if path.read_bytes() == data:
+                return False
+            raise AnchorConflict(f"anchor {path} already holds a different key") from None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def key_pems(self) -> dict[str, str]:
+        """The public keys recorded in the anchor, by key id."""
+        directory = self.base / "keys"
+        if not directory.is_dir():
+            return {}
+        return {
+            path.name.removesuffix(".pub.pem"): path.read_text(encoding="ascii")
+            for path in sorted(directory.glob("*.pub.pem"))
+        }
 
     def checkpoints(self, stream: str) -> list[Checkpoint]:
         """Every anchored checkpoint of `stream`, in sequence order."""

@@ -94,10 +94,15 @@ def export_stream(
 ) -> tuple[int, int, int]:
     """Write the stream's events in `selection` with their checkpoints; (first, last, count).
 
-    The range is widened back to the checkpoint that precedes it, so the export verifies.
+    The range is widened to whole checkpoint ranges (back to the checkpoint that precedes it,
+    on to the one that covers its end), so that every event in it can be verified. Exported to
+    the end, it also carries any checkpoint beyond the last event, which shows a cut tail.
     """
     first, last = _resolve(conn, schema, stream, selection)
     checkpoints = stored_checkpoints(conn, schema, stream)
+    if last is not None:
+        covering = [c for c in checkpoints if c.first_seq <= last <= c.last_seq]
+        last = covering[0].last_seq if covering else last
     before = [c for c in checkpoints if c.last_seq < first]
     if before:
         first = before[-1].last_seq + 1
@@ -113,6 +118,10 @@ def export_stream(
         out.write(canonical_bytes(event_line(event)) + b"\n")
         count += 1
         while upcoming is not None and upcoming.last_seq == event.seq:
+            out.write(canonical_bytes(checkpoint_line(upcoming)) + b"\n")
+            upcoming = next(after, None)
+    if last is None:
+        while upcoming is not None:
             out.write(canonical_bytes(checkpoint_line(upcoming)) + b"\n")
             upcoming = next(after, None)
     return first, first + count - 1, count
@@ -176,6 +185,7 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
                     verifier.checkpoint(item)
                 else:
                     verifier.event(item)
+            verifier.finish()
         except _Malformed as exc:
             return verifier.verdict(TrailProblem(verifier.next_seq, str(exc)))
         except TrailProblem as bad:
@@ -191,11 +201,19 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
             raise _Malformed(f"line {number} is not a canonical export line (edited?)")
         kind = record.get("type")
         try:
+            # Parsing is lenient (hex case, time formats): re-encoding must give the line back,
+            # or an edited byte could slip through as an equivalent spelling.
             if kind == "checkpoint":
                 body = {k: v for k, v in record.items() if k != "type"}
-                yield Checkpoint.from_record(body, where)
+                checkpoint = Checkpoint.from_record(body, where)
+                if canonical_bytes(checkpoint_line(checkpoint)) + b"\n" != raw:
+                    raise InvalidInput(f"{where}: the checkpoint line is not in canonical form")
+                yield checkpoint
             elif kind == "event":
-                yield event_from_line(record, where)
+                event = event_from_line(record, where)
+                if canonical_bytes(event_line(event)) + b"\n" != raw:
+                    raise InvalidInput(f"{where}: the event line is not in canonical form")
+                yield event
             else:
                 raise InvalidInput(f"{where}: unknown line type {kind!r}")
         except InvalidInput as exc:

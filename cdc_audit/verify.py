@@ -27,7 +27,7 @@ from psycopg.rows import TupleRow
 from cdc_audit.canonical import JsonValue, canonical_bytes_trusted
 from cdc_audit.chain import GENESIS, format_commit_time, payload_object
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
-from cdc_audit.keys import PublicKey, registered_keys
+from cdc_audit.keys import PublicKey, public_key_from_pem, registered_keys
 from cdc_audit.merkle import MerkleBuilder
 from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.values import parse_json_exact
@@ -224,13 +224,16 @@ class StreamVerifier:
                 f"checkpoint covers seq {checkpoint.first_seq}-"
                 f"{checkpoint.last_seq}, expected {self.range_first}-{last}",
             )
+        # A checkpoint that does not hold puts its whole range in doubt: name where it starts.
         if checkpoint.head_hash != self.prev:
-            raise TrailProblem(last, "checkpoint head hash does not match the event it signs")
+            raise TrailProblem(
+                checkpoint.first_seq, "checkpoint head hash does not match the event it signs"
+            )
         if checkpoint.merkle_root != self.range.root():
             raise TrailProblem(
                 checkpoint.first_seq, "checkpoint Merkle root does not match its events"
             )
-        self._check_signature(checkpoint, last)
+        self._check_signature(checkpoint, checkpoint.first_seq)
         self.range_first = last + 1
         self.range = MerkleBuilder()
         self.signed_up_to = last
@@ -239,9 +242,24 @@ class StreamVerifier:
     def _check_signature(self, checkpoint: Checkpoint, seq: int) -> None:
         key = self.keys.get(checkpoint.key_id)
         if key is None:
-            raise TrailProblem(seq, f"checkpoint signed by unregistered key {checkpoint.key_id}")
+            raise TrailProblem(
+                seq,
+                f"checkpoint signed by unregistered key {checkpoint.key_id} (not a key given,"
+                " or the anchor does not know it)",
+            )
         if not key.verify(checkpoint.signature, checkpoint.statement_bytes()):
             raise TrailProblem(seq, "checkpoint signature invalid")
+
+    def finish(self) -> None:
+        """After the last event: once a stream is signed, every event must be."""
+        last = self.next_seq - 1
+        if self.checkpoints and self.signed_up_to < last:
+            raise TrailProblem(
+                self.signed_up_to + 1,
+                f"events {self.signed_up_to + 1}-{last} are covered by no checkpoint: the"
+                " worker signs every batch it writes, so they were added by someone else (or"
+                " sealed by a worker without its signing key)",
+            )
 
     def verdict(
         self, bad: TrailProblem | None = None, anchored_up_to: int | None = None
@@ -344,6 +362,8 @@ def verify_stream(
     """
     if keys is None:
         keys = registered_keys(conn, schema)
+    if anchor is not None:
+        keys = _trusted_by_anchor(keys, anchor)
     checkpoints = stored_checkpoints(conn, schema, stream)
     verifier = StreamVerifier(stream, keys)
     pending = iter(checkpoints)
@@ -359,9 +379,23 @@ def verify_stream(
         if upcoming is not None:
             verifier.checkpoint(upcoming)  # past the end: names the truncation
         anchored = _compare_anchor(anchor, stream, checkpoints, verifier)
+        verifier.finish()
     except TrailProblem as bad:
         return verifier.verdict(bad, None)
     return verifier.verdict(None, anchored)
+
+
+def _trusted_by_anchor(
+    keys: Mapping[str, PublicKey], anchor: DirectoryAnchor
+) -> dict[str, PublicKey]:
+    """With an anchor, only the keys it recorded count: the database's key table is not a
+    root of trust, since a superuser can add a key of their own to it."""
+    anchored = anchor.key_pems()
+    return {
+        key_id: key
+        for key_id, key in keys.items()
+        if key_id in anchored and public_key_from_pem(anchored[key_id]).key_id == key_id
+    }
 
 
 def _compare_anchor(
@@ -385,16 +419,9 @@ def _compare_anchor(
             )
         if stored.get(copy.last_seq) != copy:
             raise TrailProblem(
-                copy.last_seq,
+                copy.first_seq,
                 f"the checkpoint at seq {copy.last_seq} differs from "
                 f"the anchored one ({anchor.path(copy)})",
-            )
-    anchored_seqs = {c.last_seq for c in anchored}
-    for checkpoint in checkpoints:
-        if checkpoint.last_seq not in anchored_seqs:
-            raise TrailProblem(
-                checkpoint.last_seq,
-                f"checkpoint at seq {checkpoint.last_seq} is missing from the anchor {anchor}",
             )
     return anchored[-1].last_seq if anchored else 0
 

@@ -281,6 +281,13 @@ class _Session:
             else DirectoryAnchor(anchor_dir, writer.names.database, writer.names.schema)
         )
         self.checkpoint_requested = False
+        # The anchor gets a checkpoint every N events or T seconds per stream (the policy's
+        # cadence), and the newest one when the worker stops or is asked to.
+        self.anchored_at: dict[str, tuple[int, float]] = {}
+        self.batch_anchor: list[Checkpoint] = []
+        self.inflight_anchor: list[Checkpoint] = []
+        self.unanchored: dict[str, Checkpoint] = {}
+        self.anchor_newest = False
         # Position of what has been sealed (in the batch or written).
         self.end_lsn = progress.end_lsn
         self.last_commit_time = progress.last_commit_time
@@ -310,6 +317,8 @@ class _Session:
         """Anchor what a crash left unanchored; record a change of signing key."""
         if self.key is None:
             return
+        if self.anchor is not None:
+            self.anchor.write_key(self.key.key_id, self.key.public_key().pem)
         for stream in self._all_streams():
             last = self._catch_up_anchor(stream)
             if last is not None and last.key_id != self.key.key_id:
@@ -319,19 +328,19 @@ class _Session:
         return sorted(set(self.assembler.policy.streams) | set(self.writer.trail_streams()))
 
     def _catch_up_anchor(self, stream: str) -> Checkpoint | None:
-        """Write to the anchor the stream's checkpoints it lacks; the stream's last one."""
+        """Anchor the stream's newest checkpoint if a crash left it unanchored; return it."""
         anchored = self.anchor.latest(stream) if self.anchor is not None else None
         after = anchored.last_seq if anchored is not None else 0
-        missing = self.writer.checkpoints(stream, after)
-        if self.anchor is not None:
-            for checkpoint in missing:
-                self.anchor.write(checkpoint)
-        if missing:
-            return missing[-1]
-        if anchored is not None:
-            return anchored
-        known = self.writer.checkpoints(stream)
-        return known[-1] if known else None
+        newer = self.writer.checkpoints(stream, after)
+        if newer and self.anchor is not None:
+            self.anchor.write(newer[-1])
+        latest = newer[-1] if newer else anchored
+        if latest is None:
+            known = self.writer.checkpoints(stream)
+            latest = known[-1] if known else None
+        if latest is not None:
+            self.anchored_at[stream] = (latest.last_seq, time.monotonic())
+        return latest
 
     def _record_rotation(self, stream: str, last: Checkpoint) -> None:
         assert self.key is not None
@@ -453,30 +462,33 @@ class _Session:
         return chain
 
     def _checkpoint(self, stream: str) -> None:
+        """Sign the stream's events since its last checkpoint; anchor it at the cadence."""
         assert self.checkpointer is not None
-        self.batch_checkpoints.append(self.checkpointer.make(self._chain(stream)))
+        checkpoint = self.checkpointer.make(self._chain(stream))
+        self.batch_checkpoints.append(checkpoint)
+        seq, when = self.anchored_at.get(stream, (0, 0.0))
+        policy = self.assembler.policy.checkpoints
+        now = time.monotonic()
+        if checkpoint.last_seq - seq >= policy.every_events or now - when >= policy.every_seconds:
+            self.batch_anchor.append(checkpoint)
+            self.anchored_at[stream] = (checkpoint.last_seq, now)
 
     def _sign_the_tail(self) -> None:
-        """On the way out, cover every event sealed in this session by a checkpoint."""
-        if self.checkpointer is None or not self.checkpointer.pending():
-            return
-        for stream in self.checkpointer.pending():
-            self._checkpoint(stream)
+        """On the way out: everything signed (it is, batch by batch) and the newest anchored."""
+        self.anchor_newest = True
         self._flush()
         self._settle(block=True)
+        self._anchor_newest()
 
     def _checkpoints_due(self) -> None:
-        if self.checkpointer is None:
+        if self.checkpointer is None or not self.checkpoint_requested:
             return
-        if self.checkpoint_requested:
-            self.checkpoint_requested = False
-            for stream in self._all_streams():
-                self._chain(stream)  # loads its range: it may hold events of earlier runs
-            due = self.checkpointer.pending()
-        else:
-            due = self.checkpointer.due()
-        for stream in due:
+        self.checkpoint_requested = False
+        for stream in self._all_streams():
+            self._chain(stream)  # loads its range: it may hold events of earlier runs
+        for stream in self.checkpointer.pending():
             self._checkpoint(stream)
+        self.anchor_newest = True
 
     def _commit(self, commit: Commit) -> None:
         if not self.txn_skip_all:
@@ -522,6 +534,8 @@ class _Session:
         if self.batch or self.batch_checkpoints:
             self._settle(block=True)
             self._submit()
+        elif self.anchor_newest and self.inflight is None:
+            self._anchor_newest()
         if self.inflight is None:
             # Everything sealed is written: transactions without events count as sealed too.
             self._confirm(self.end_lsn)
@@ -532,9 +546,15 @@ class _Session:
         self.stream.report_progress()
 
     def _submit(self) -> None:
+        # Every batch is signed in the transaction that writes it: an event of the trail that
+        # no checkpoint covers was not written by this worker.
+        if self.checkpointer is not None:
+            for stream in self.checkpointer.pending():
+                self._checkpoint(stream)
         progress = self._progress()
         batch, self.batch = self.batch, []
         checkpoints, self.batch_checkpoints = self.batch_checkpoints, []
+        self.inflight_anchor, self.batch_anchor = self.batch_anchor, []
         self.inflight_counts = Counter(event.draft.stream for event in batch)
         self.inflight_progress = progress
         self.inflight_checkpoints = checkpoints
@@ -558,10 +578,27 @@ class _Session:
         self.worker.sealed.update(self.inflight_counts)
         # Anchored only once in the trail: an anchored checkpoint the trail lacks would be
         # indistinguishable from a truncated trail. A crash in between is caught up on start.
+        for checkpoint in self.inflight_checkpoints:
+            self.unanchored[checkpoint.stream] = checkpoint
         if self.anchor is not None:
-            for checkpoint in self.inflight_checkpoints:
+            for checkpoint in self.inflight_anchor:
                 self.anchor.write(checkpoint)
+                if self.unanchored.get(checkpoint.stream) == checkpoint:
+                    del self.unanchored[checkpoint.stream]
+        if self.anchor_newest:
+            self._anchor_newest()
         self._confirm(self.inflight_progress.end_lsn)
+
+    def _anchor_newest(self) -> None:
+        """Anchor each stream's newest checkpoint (on request, and when stopping)."""
+        if self.inflight is not None or self.batch_checkpoints:
+            return  # after the write in flight, at the next settle
+        self.anchor_newest = False
+        if self.anchor is not None:
+            for stream, checkpoint in self.unanchored.items():
+                self.anchor.write(checkpoint)
+                self.anchored_at[stream] = (checkpoint.last_seq, time.monotonic())
+        self.unanchored.clear()
 
     def _confirm(self, lsn: int) -> None:
         if lsn > self.stream.confirmed_lsn:
@@ -575,7 +612,7 @@ class _Session:
     def _drained(self) -> bool:
         if self.target is None or self.txn_lsn is not None or self.batch or self.inflight:
             return False
-        if self.batch_checkpoints or self.checkpoint_requested:
+        if self.batch_checkpoints or self.checkpoint_requested or self.anchor_newest:
             return False
         return self.stream.confirmed_lsn > self.target
 
