@@ -319,3 +319,27 @@ def test_the_guard_allows_only_a_whole_erasure(signed: Signed) -> None:
                 " actor_id = NULL, reason = NULL, context = NULL, changed = NULL,"
                 " erased_at = now(), kind = 'app' WHERE seq = 1"
             )
+
+
+@pytest.mark.parametrize("failpoint", ["before_commit:3", "after_commit:3"])
+def test_a_crash_between_signed_batches_leaves_a_trail_that_verifies(
+    signed: Signed, failpoint: str
+) -> None:
+    private = signed.keygen("k1")
+    with signed.db.connect(autocommit=False) as conn:
+        ctx(conn, "bulk", "load")
+        conn.execute("INSERT INTO accounts SELECT g, 'o' FROM generate_series(1, 2000) g")
+        conn.commit()
+    crashed = signed.cli(
+        "worker",
+        "--drain",
+        CDC_AUDIT_SIGNING_KEY_FILE=str(private),
+        CDC_AUDIT_BATCH_MESSAGES="300",
+        CDC_AUDIT_FAILPOINT=failpoint,
+    )
+    assert crashed.returncode == -9
+    signed.drain()
+    assert signed.db.scalar("SELECT count(*) FROM cdc_audit.event WHERE stream = 'user'") == 2000
+    verify = signed.cli("verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "signed up to seq 2000, anchored up to seq 2000" in verify.stdout
