@@ -162,24 +162,9 @@ class DirectoryAnchor:
         Raises AnchorConflict if a different checkpoint holds its place: the anchor is never
         overwritten, whatever the database says.
         """
-        data = canonical_bytes(checkpoint.record())
         path = self.path(checkpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        except FileExistsError:
-            if path.read_bytes() == data:
-                return False
-            raise AnchorConflict(
-                f"anchor {path} already holds a different checkpoint for seq"
-                f" {checkpoint.last_seq} of stream {checkpoint.stream}"
-            ) from None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
+        what = f"checkpoint for seq {checkpoint.last_seq} of stream {checkpoint.stream}"
+        return _write_once(path, canonical_bytes(checkpoint.record()), what)
 
     def write_key(self, key_id: str, public_pem: str) -> bool:
         """Record a signing key's public half next to the checkpoints it will sign.
@@ -187,22 +172,8 @@ class DirectoryAnchor:
         The anchor is the auditor's root of trust for keys too: a key that only the database's
         key table knows (a superuser can add one) signs nothing the anchor vouches for.
         """
-        directory = self.base / "keys"
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{_component(key_id)}.pub.pem"
-        data = public_pem.encode()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-        except FileExistsError:
-            if path.read_bytes() == data:
-                return False
-            raise AnchorConflict(f"anchor {path} already holds a different key") from None
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
+        path = self.base / "keys" / f"{_component(key_id)}.pub.pem"
+        return _write_once(path, public_pem.encode(), f"key {key_id}")
 
     def key_pems(self) -> dict[str, str]:
         """The public keys recorded in the anchor, by key id."""
@@ -228,6 +199,26 @@ class DirectoryAnchor:
     def latest(self, stream: str) -> Checkpoint | None:
         anchored = self.checkpoints(stream)
         return anchored[-1] if anchored else None
+
+
+def _write_once(path: Path, data: bytes, what: str) -> bool:
+    """Create `path` read-only with `data`; False if it already holds exactly that.
+
+    Raises AnchorConflict when it holds something else: an anchor is never overwritten.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    except FileExistsError:
+        if path.read_bytes() == data:
+            return False
+        raise AnchorConflict(f"anchor {path} already holds a different {what}") from None
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def _component(name: str) -> str:

@@ -19,7 +19,6 @@ from cdc_audit.chain import (
     chain_hash,
     format_commit_time,
     header_bytes,
-    merkle_root,
     payload_bytes,
     uuid7,
 )
@@ -291,45 +290,4 @@ def test_default_generator_uses_the_wall_clock() -> None:
     assert gen().bytes > value.bytes
 
 
-# ---- Merkle roots: the RFC 6962 test vectors of Certificate Transparency -----------------------
-
-CT_LEAVES = [
-    bytes.fromhex(h)
-    for h in (
-        "",
-        "00",
-        "10",
-        "2021",
-        "3031",
-        "40414243",
-        "5051525354555657",
-        "606162636465666768696a6b6c6d6e6f",
-    )
-]
-CT_ROOTS = [
-    "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
-    "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
-    "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
-    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
-    "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
-    "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
-    "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
-    "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
-]
-
-
-@pytest.mark.parametrize("size", range(1, 9))
-def test_merkle_root_matches_certificate_transparency_vectors(size: int) -> None:
-    assert merkle_root(CT_LEAVES[:size]).hex() == CT_ROOTS[size - 1]
-
-
-def test_merkle_root_of_nothing_is_sha256_of_nothing() -> None:
-    assert merkle_root([]) == hashlib.sha256(b"").digest()
-
-
-def test_merkle_root_detects_a_changed_or_moved_leaf() -> None:
-    leaves = [bytes([i]) * 32 for i in range(13)]
-    root = merkle_root(leaves)
-    assert merkle_root([*leaves[:5], b"x" * 32, *leaves[6:]]) != root
-    assert merkle_root([leaves[1], leaves[0], *leaves[2:]]) != root
-    assert merkle_root(leaves[:-1]) != root
+# Merkle roots and proofs are tested in test_merkle.py.
