@@ -31,7 +31,7 @@ from cdc_audit.canonical import JsonValue, canonical_bytes
 from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import InvalidInput
 from cdc_audit.keys import PublicKey
-from cdc_audit.values import parse_json_exact
+from cdc_audit.values import parse_json_fast
 from cdc_audit.verify import (
     StoredEvent,
     StreamVerdict,
@@ -196,7 +196,7 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
 def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
     for number, raw in enumerate(lines, start=1):
         where = f"{path}:{number}"
-        record = parse_json_exact(raw.decode("utf-8", errors="replace").removesuffix("\n"))
+        record = parse_json_fast(raw.decode("utf-8", errors="replace").removesuffix("\n"))
         if not isinstance(record, dict) or canonical_bytes(record) + b"\n" != raw:
             raise _Malformed(f"line {number} is not a canonical export line (edited?)")
         kind = record.get("type")

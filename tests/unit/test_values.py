@@ -18,6 +18,7 @@ from cdc_audit.values import (
     convert,
     converter_for,
     parse_json_exact,
+    parse_json_fast,
 )
 
 
@@ -508,3 +509,22 @@ def test_no_converter_returns_what_canonical_json_refuses(
 ) -> None:
     value = convert(array_oid(name) if as_array else oid(name), text)
     canonical_bytes(value)  # raises TypeError for a float, an unsafe int, a bad key, ...
+
+
+@settings(max_examples=300)
+@given(_SHAPED_TEXT)
+def test_the_fast_parser_agrees_with_the_exact_one(text: str) -> None:
+    # Verification reads the trail back with parse_json_fast: it must give exactly what the
+    # exact parser gives for anything PostgreSQL's jsonb or canonical JSON can print.
+    exact = parse_json_exact(text)
+    if isinstance(exact, str) and exact == text:
+        return  # not JSON the exact parser keeps: the fast one may differ, by design
+    assert canonical_bytes(parse_json_fast(text)) == canonical_bytes(exact)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 2.50}', "[1e3]", "9007199254740993", '{"b": [0.1, -0]}', '"x\\u00e9"'],
+)
+def test_the_fast_parser_keeps_numbers_exact(text: str) -> None:
+    assert canonical_bytes(parse_json_fast(text)) == canonical_bytes(parse_json_exact(text))
