@@ -147,11 +147,11 @@ def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         made = trail_commands.request_checkpoint(conn, schema, timeout=args.timeout)
     for checkpoint in made:
         print(
-            f"{checkpoint.stream}: seq {checkpoint.first_seq}-{checkpoint.last_seq} signed by"
-            f" {checkpoint.key_id}, head {checkpoint.head_hash.hex()[:16]}"
+            f"{checkpoint.stream}: signed up to seq {checkpoint.last_seq} by {checkpoint.key_id},"
+            f" head {checkpoint.head_hash.hex()[:16]}"
         )
     if not made:
-        _say("nothing to sign: every event is already covered by a checkpoint")
+        _say("nothing is signed yet: is the worker running with CDC_AUDIT_SIGNING_KEY_FILE?")
     return 0
 
 

@@ -44,19 +44,18 @@ _POLL = 0.2
 def request_checkpoint(
     conn: psycopg.Connection[TupleRow], schema: str, *, timeout: float
 ) -> list[Checkpoint]:
-    """Ask the running worker to sign every stream's unsigned events; the checkpoints it made.
+    """Ask the running worker to sign and anchor every stream's newest events; each stream's
+    newest checkpoint once it has.
 
     The request is a marker in the stream: once the worker has confirmed past it, everything
     committed before the request is sealed and signed.
     """
     _require_installed(conn, schema)
     table = sql.Identifier(schema)
-    row = conn.execute(
-        sql.SQL("SELECT {}.mark('checkpoint')::text, clock_timestamp()").format(table)
-    ).fetchone()
+    row = conn.execute(sql.SQL("SELECT {}.mark('checkpoint')::text").format(table)).fetchone()
     conn.commit()
     assert row is not None
-    marker, requested_at = parse_lsn(row[0]), row[1]
+    marker = parse_lsn(row[0])
     slot = _slot_name(conn, schema)
     deadline = time.monotonic() + timeout
     while _confirmed(conn, slot) <= marker:
@@ -66,12 +65,13 @@ def request_checkpoint(
                 " with CDC_AUDIT_SIGNING_KEY_FILE set?"
             )
         time.sleep(_POLL)
+    # Each stream's newest checkpoint: it covers everything committed before the request
+    # (the worker signs every batch; the request made it anchor the newest one too).
     rows = conn.execute(
         sql.SQL(
-            "SELECT statement::text, signature FROM {}.checkpoint WHERE created_at >= %s"
-            " ORDER BY stream, last_seq"
-        ).format(table),
-        (requested_at,),
+            "SELECT DISTINCT ON (stream) statement::text, signature FROM {}.checkpoint"
+            " ORDER BY stream, last_seq DESC"
+        ).format(table)
     ).fetchall()
     conn.commit()
     return [

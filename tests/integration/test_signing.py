@@ -191,9 +191,13 @@ def test_checkpoint_on_request_while_the_worker_runs(signed: Signed) -> None:
         signed.write(4)
         made = signed.cli("checkpoint", "--timeout", "30")
         assert made.returncode == 0, made.stderr
-        assert "user: seq 1-4 signed by" in made.stdout
+        assert "user: signed up to seq 4 by" in made.stdout
+        anchored = signed.anchors / signed.db.name / "cdc_audit" / "user"
+        assert (anchored / f"{4:020d}.json").exists()
+        signed.write(2, start=10)
         again = signed.cli("checkpoint", "--timeout", "30")
-        assert again.returncode == 0 and "nothing to sign" in again.stderr
+        assert again.returncode == 0 and "user: signed up to seq 6 by" in again.stdout
+        assert (anchored / f"{6:020d}.json").exists()
     finally:
         code, log = worker.stop()
     assert code == 0, log
