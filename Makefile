@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test demo bench golden clean
+.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ demo: venv postgres ## the main job end to end on a private, throwaway PostgreSQ
 
 bench: venv postgres ## worker throughput, lag and memory on a throwaway PostgreSQL (minutes; BENCH_ARGS=--quick)
 	$(PY) -m bench.worker_throughput $(BENCH_ARGS)
+
+bench-verify: venv postgres ## verify throughput online and offline, and its scale curve (BENCH_ARGS=--quick)
+	$(PY) -m bench.verify_throughput $(BENCH_ARGS)
 
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
 	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q

@@ -12,12 +12,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
+import psycopg
 from pydantic import ValidationError
 
 from . import __version__, installer, keys, logs, status, trail_commands
 from .canonical import canonical_bytes
-from .db import connect
-from .errors import CdcAuditError, IntegrityError, InvalidInput
+from .db import connect, database_error
+from .errors import CdcAuditError, DatabaseError, IntegrityError, InvalidInput
 from .names import InstallNames
 from .policy import LoadedPolicy, load_policy
 from .proof import make_proof, verify_proof
@@ -388,6 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in _error_lines(exc):
             _say(line)
         return exc.exit_code
+    except psycopg.Error as exc:
+        # A database failure a command did not expect: operational (3), never mistaken for
+        # the integrity failure (1) a crash would otherwise exit with.
+        _say(f"cdc-audit: database error: {database_error(exc, 'the command')}")
+        return DatabaseError.exit_code
     except KeyboardInterrupt:
         _say("cdc-audit: interrupted")
         return 130

@@ -8,17 +8,28 @@ from psycopg.rows import TupleRow
 from .errors import DatabaseError, InvalidInput
 
 
-def connect(dsn: str | None, *, autocommit: bool = False) -> psycopg.Connection[TupleRow]:
+def connect(
+    dsn: str | None, *, autocommit: bool = False, application_name: str = "cdc-audit"
+) -> psycopg.Connection[TupleRow]:
     if not dsn:
         raise InvalidInput("no database given: use --dsn or set CDC_AUDIT_DSN")
     try:
         conn: psycopg.Connection[TupleRow] = psycopg.connect(
-            dsn, autocommit=autocommit, application_name="cdc-audit"
+            dsn,
+            autocommit=autocommit,
+            application_name=application_name,
+            client_encoding="utf8",
         )
     except psycopg.ProgrammingError as exc:
         raise InvalidInput(f"invalid DSN: {_first_line(exc)}") from exc
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"cannot connect: {_first_line(exc)}") from exc
+    # psycopg reads dates and times only in ISO style: a database, role or PGDATESTYLE default
+    # of SQL or Postgres style would make every timestamp unreadable. Ours to pin, after the
+    # startup parameters (which PGDATESTYLE sets) have been applied.
+    conn.execute("SET DateStyle = 'ISO, YMD'")
+    if not autocommit:
+        conn.commit()
     return conn
 
 

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
-from cdc_audit.canonical import JsonValue, canonical_bytes
+from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
 from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import InvalidInput
 from cdc_audit.keys import PublicKey
@@ -197,7 +197,8 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
     for number, raw in enumerate(lines, start=1):
         where = f"{path}:{number}"
         record = parse_json_fast(raw.decode("utf-8", errors="replace").removesuffix("\n"))
-        if not isinstance(record, dict) or canonical_bytes(record) + b"\n" != raw:
+        # Parsed values cannot hold what canonical JSON refuses: encode without the walk.
+        if not isinstance(record, dict) or canonical_bytes_trusted(record) + b"\n" != raw:
             raise _Malformed(f"line {number} is not a canonical export line (edited?)")
         kind = record.get("type")
         try:
@@ -206,12 +207,12 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
             if kind == "checkpoint":
                 body = {k: v for k, v in record.items() if k != "type"}
                 checkpoint = Checkpoint.from_record(body, where)
-                if canonical_bytes(checkpoint_line(checkpoint)) + b"\n" != raw:
+                if canonical_bytes_trusted(checkpoint_line(checkpoint)) + b"\n" != raw:
                     raise InvalidInput(f"{where}: the checkpoint line is not in canonical form")
                 yield checkpoint
             elif kind == "event":
                 event = event_from_line(record, where)
-                if canonical_bytes(event_line(event)) + b"\n" != raw:
+                if canonical_bytes_trusted(event_line(event)) + b"\n" != raw:
                     raise InvalidInput(f"{where}: the event line is not in canonical form")
                 yield event
             else:

@@ -1,7 +1,7 @@
 """Column values from pgoutput's text form to canonical JSON values, by type OID.
 
 The worker is expected to pin the decoding session's output settings (TimeZone=UTC,
-DateStyle=ISO, IntervalStyle=postgres, extra_float_digits=3, bytea_output=hex), so that the
+DateStyle=ISO, IntervalStyle=iso_8601, extra_float_digits=3, bytea_output=hex), so that the
 text of a value depends only on the value. Nothing here reads the local time zone or locale.
 
 Rules (`converter_for` picks one per column once; `convert` is the one-off form):

@@ -44,7 +44,7 @@ from cdc_audit.canonical import JsonValue
 from cdc_audit.chain import DraftEvent, SealedEvent, StreamChain, Uuid7Generator
 from cdc_audit.checkpointer import Checkpointer
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
-from cdc_audit.db import database_error
+from cdc_audit.db import connect, database_error
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
 from cdc_audit.keys import SigningKey
 from cdc_audit.names import InstallNames
@@ -645,10 +645,7 @@ class _Session:
 
 @contextmanager
 def _connect(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
-    try:
-        conn = psycopg.connect(dsn, application_name="cdc-audit worker", client_encoding="utf8")
-    except psycopg.ProgrammingError as exc:
-        raise InvalidInput(f"invalid DSN: {_first_line(exc)}") from exc
+    conn = connect(dsn, application_name="cdc-audit worker")
     try:
         yield conn
     finally:
