@@ -100,6 +100,12 @@ class Checkpoint:
         return {"signature": self.signature.hex(), "statement": self.statement()}
 
     @classmethod
+    def from_row(cls, statement_text: str, signature: bytes, source: str) -> Checkpoint:
+        """A row of the checkpoint table (statement as text, signature as bytes)."""
+        record = {"statement": parse_json_exact(statement_text), "signature": signature.hex()}
+        return cls.from_record(record, source)
+
+    @classmethod
     def from_record(cls, record: Any, source: str) -> Checkpoint:
         """Parse `record` ({"statement": ..., "signature": hex}); InvalidInput naming `source`."""
         if not isinstance(record, dict):

@@ -26,7 +26,7 @@ from cdc_audit.errors import NotInstalled
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import format_lsn, parse_lsn
 from cdc_audit.policy import LoadedPolicy, parse_policy
-from cdc_audit.values import parse_json_exact
+from cdc_audit.verify import stored_checkpoints
 
 __all__ = ["EVENT_COLUMNS", "CopyEncoder", "Progress", "TrailWriter", "copy_row"]
 
@@ -174,6 +174,34 @@ def trail_streams(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:
         ).format(sql.Identifier(schema))
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def install_names(conn: psycopg.Connection[TupleRow], schema: str) -> InstallNames:
+    """The names of the installation in `schema`, with the slot `apply` recorded."""
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.install_setting', %s::text)) IS NOT NULL", (schema,)
+    ).fetchone()
+    if row is None or not row[0]:
+        conn.rollback()
+        raise NotInstalled(f"cdc-audit is not installed in schema {schema}: run cdc-audit apply")
+    slot = conn.execute(
+        sql.SQL("SELECT value FROM {}.install_setting WHERE key = 'slot_name'").format(
+            sql.Identifier(schema)
+        )
+    ).fetchone()
+    conn.commit()
+    return InstallNames(schema, conn.info.dbname, slot[0] if slot else None)
+
+
+def slot_confirmed(conn: psycopg.Connection[TupleRow], slot: str) -> int:
+    """The slot's confirmed_flush_lsn (0 when the slot is missing)."""
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots"
+        " WHERE slot_name = %s",
+        (slot,),
+    ).fetchone()
+    conn.commit()
+    return parse_lsn(row[0]) if row is not None and row[0] is not None else 0
 
 
 @dataclass(frozen=True)
@@ -357,21 +385,9 @@ class TrailWriter:
 
     def checkpoints(self, stream: str, after_seq: int = 0) -> list[Checkpoint]:
         """The stream's checkpoints ending after `after_seq`, in order."""
-        rows = self.conn.execute(
-            sql.SQL(
-                "SELECT statement::text, signature FROM {}.checkpoint"
-                " WHERE stream = %s AND last_seq > %s ORDER BY last_seq"
-            ).format(self._schema),
-            (stream, after_seq),
-        ).fetchall()
+        found = stored_checkpoints(self.conn, self.names.schema, stream, after_seq)
         self.conn.commit()
-        where = f"{self.names.schema}.checkpoint"
-        return [
-            Checkpoint.from_record(
-                {"statement": parse_json_exact(text), "signature": bytes(sig).hex()}, where
-            )
-            for text, sig in rows
-        ]
+        return found
 
     def hashes_after(self, stream: str, after_seq: int) -> Iterator[bytes]:
         """Hashes of the stream's events after `after_seq`, in order, fetched in chunks."""

@@ -17,12 +17,12 @@ from psycopg.rows import TupleRow
 from cdc_audit import keys
 from cdc_audit.canonical import MAX_SAFE_INT, JsonValue, canonical_bytes
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
-from cdc_audit.errors import CdcAuditError, InvalidInput, NotInstalled
+from cdc_audit.errors import CdcAuditError, InvalidInput
 from cdc_audit.export import ExportRange, export_stream, verify_export
 from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.policy import parse_policy
 from cdc_audit.predicate import parse_table_name
-from cdc_audit.trail import trail_streams
+from cdc_audit.trail import install_names, slot_confirmed, trail_streams
 from cdc_audit.values import parse_json_exact
 from cdc_audit.verify import StreamVerdict, verify_stream
 
@@ -56,9 +56,9 @@ def request_checkpoint(
     conn.commit()
     assert row is not None
     marker = parse_lsn(row[0])
-    slot = _slot_name(conn, schema)
+    slot = install_names(conn, schema).slot
     deadline = time.monotonic() + timeout
-    while _confirmed(conn, slot) <= marker:
+    while slot_confirmed(conn, slot) <= marker:
         if time.monotonic() > deadline:
             raise CdcAuditError(
                 f"no checkpoint was signed within {timeout:g} s: is `cdc-audit worker` running,"
@@ -74,42 +74,11 @@ def request_checkpoint(
         ).format(table)
     ).fetchall()
     conn.commit()
-    return [
-        Checkpoint.from_record(
-            {"statement": parse_json_exact(text), "signature": bytes(sig).hex()}, "checkpoint"
-        )
-        for text, sig in rows
-    ]
-
-
-def _slot_name(conn: psycopg.Connection[TupleRow], schema: str) -> str:
-    row = conn.execute(
-        sql.SQL("SELECT value FROM {}.install_setting WHERE key = 'slot_name'").format(
-            sql.Identifier(schema)
-        )
-    ).fetchone()
-    if row is None:
-        raise NotInstalled(f"no replication slot is recorded in {schema}: run cdc-audit apply")
-    return str(row[0])
-
-
-def _confirmed(conn: psycopg.Connection[TupleRow], slot: str) -> int:
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots"
-        " WHERE slot_name = %s",
-        (slot,),
-    ).fetchone()
-    conn.commit()
-    return parse_lsn(row[0]) if row is not None and row[0] is not None else 0
+    return [Checkpoint.from_row(text, bytes(sig), f"{schema}.checkpoint") for text, sig in rows]
 
 
 def _require_installed(conn: psycopg.Connection[TupleRow], schema: str) -> None:
-    row = conn.execute(
-        "SELECT to_regclass(format('%%I.event', %s::text)) IS NOT NULL", (schema,)
-    ).fetchone()
-    if not (row and row[0]):
-        conn.rollback()
-        raise NotInstalled(f"cdc-audit is not installed in schema {schema}: run cdc-audit apply")
+    install_names(conn, schema)
 
 
 def _policy_anchor(conn: psycopg.Connection[TupleRow], schema: str) -> Path | None:

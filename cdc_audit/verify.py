@@ -30,7 +30,7 @@ from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.keys import PublicKey, public_key_from_pem, registered_keys
 from cdc_audit.merkle import MerkleBuilder
 from cdc_audit.pgoutput import parse_lsn
-from cdc_audit.values import parse_json_exact, parse_json_fast
+from cdc_audit.values import parse_json_fast
 
 __all__ = [
     "StoredEvent",
@@ -118,15 +118,12 @@ class StreamVerdict:
         """One line for people: the verdict and what it rests on."""
         if not self.ok:
             return f"stream {self.stream}: FAILED at seq {self.first_bad_seq}: {self.problem}"
-        unsigned = self.last_seq - self.signed_up_to
         parts = [
             f"{self.checked} events verified",
             f"{self.checkpoints} checkpoint(s), signed up to seq {self.signed_up_to}"
             if self.checkpoints
             else "unsigned (no checkpoint)",
         ]
-        if self.checkpoints and unsigned:
-            parts.append(f"{unsigned} newer event(s) not yet signed")
         if self.erased:
             parts.append(f"{self.erased} erased payload(s)")
         if self.anchored_up_to is None:
@@ -427,19 +424,15 @@ def _compare_anchor(
 
 
 def stored_checkpoints(
-    conn: psycopg.Connection[TupleRow], schema: str, stream: str
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str, after_seq: int = 0
 ) -> list[Checkpoint]:
+    """The stream's checkpoints ending after `after_seq`, in order."""
     rows = conn.execute(
         sql.SQL(
-            "SELECT statement::text, signature FROM {}.checkpoint WHERE stream = %s"
-            " ORDER BY last_seq"
+            "SELECT statement::text, signature FROM {}.checkpoint"
+            " WHERE stream = %s AND last_seq > %s ORDER BY last_seq"
         ).format(sql.Identifier(schema)),
-        (stream,),
+        (stream, after_seq),
     ).fetchall()
     where = f"{schema}.checkpoint"
-    return [
-        Checkpoint.from_record(
-            {"statement": parse_json_exact(text), "signature": bytes(sig).hex()}, where
-        )
-        for text, sig in rows
-    ]
+    return [Checkpoint.from_row(text, bytes(sig), where) for text, sig in rows]

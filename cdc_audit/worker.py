@@ -51,7 +51,13 @@ from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import Begin, Commit, LogicalMessage, format_lsn, pg_timestamp_to_datetime
 from cdc_audit.policy import Policy
 from cdc_audit.replication import ReplicationError, ReplicationStream, SlotLost, StreamOptions
-from cdc_audit.trail import Progress, TrailWriter, worker_identity
+from cdc_audit.trail import (
+    Progress,
+    TrailWriter,
+    install_names,
+    slot_confirmed,
+    worker_identity,
+)
 
 __all__ = ["Worker", "WorkerOptions", "install_signal_handlers"]
 
@@ -129,7 +135,7 @@ class Worker:
 
     def _session(self) -> None:
         with _connect(self.dsn) as conn:
-            names = _install_names(conn, self.options.schema)
+            names = install_names(conn, self.options.schema)
             writer = TrailWriter(conn, names)
             target = writer.mark("drain") if self.options.drain else None
             if not self._lead(conn, names, target):
@@ -198,7 +204,7 @@ class Worker:
             if not waiting:
                 _log(logging.INFO, "standby: another worker is active", slot=names.slot)
                 waiting = True
-            if target is not None and _slot_confirmed(conn, names.slot) > target:
+            if target is not None and slot_confirmed(conn, names.slot) > target:
                 _log(logging.INFO, "drained by the active worker", slot=names.slot)
                 return False
             if self.stop.wait(self.options.standby_poll):
@@ -650,32 +656,6 @@ def _connect(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
         yield conn
     finally:
         conn.close()
-
-
-def _install_names(conn: psycopg.Connection[TupleRow], schema: str) -> InstallNames:
-    row = conn.execute(
-        "SELECT to_regclass(format('%%I.install_setting', %s::text)) IS NOT NULL", (schema,)
-    ).fetchone()
-    if row is None or not row[0]:
-        conn.rollback()
-        raise InvalidInput(f"cdc-audit is not installed in schema {schema}: run cdc-audit apply")
-    slot = conn.execute(
-        sql.SQL("SELECT value FROM {}.install_setting WHERE key = 'slot_name'").format(
-            sql.Identifier(schema)
-        )
-    ).fetchone()
-    conn.commit()
-    return InstallNames(schema, conn.info.dbname, slot[0] if slot else None)
-
-
-def _slot_confirmed(conn: psycopg.Connection[TupleRow], slot: str) -> int:
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_catalog.pg_replication_slots"
-        " WHERE slot_name = %s",
-        (slot,),
-    ).fetchone()
-    conn.commit()
-    return int(row[0]) if row is not None and row[0] is not None else 0
 
 
 def _last_is_same_gap(writer: TrailWriter, stream: str, details: dict[str, JsonValue]) -> bool:
