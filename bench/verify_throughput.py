@@ -14,11 +14,14 @@ helpers and style of `bench.worker_throughput`:
    - ``cdc-audit export`` to a file, then ``cdc-audit verify --file`` offline: events/s;
 3. at the ``--events`` size, in a fresh child process (so that this one stays small and the
    peak RSS of the commands, from wait4, stays theirs), what the commands are made of:
-   - online: reading and parsing the stream only (`read_stream`), `verify_stream` without
-     and with the anchor;
-   - offline: parsing the export only, `verify_export` whole;
-   - pure verification: `StreamVerifier` fed events already parsed (from the export), and
-     the cost of each of its steps per event (payload hash, header hash, Merkle leaf);
+   - online: reading the stream only (`read_stream_rows`, the server renders each event as
+     one JSON array), reading and parsing it (orjson), `verify_stream` without and with the
+     anchor;
+   - offline: parsing the export only (each line parsed and proven canonical), `verify_export`
+     whole;
+   - pure verification: `StreamVerifier.record` fed event lines already parsed (from the
+     export), and the cost of each of its steps per event (payload and header objects, their
+     encoding, the SHA-256s, the Merkle leaf);
 4. ``--profile FILE``: `verify_export` of that export under cProfile, top functions with %.
 
 Figures "net" leave out the CPU a command spends before its first event: that of
@@ -50,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 
 from bench.worker_throughput import (
@@ -65,15 +69,17 @@ from bench.worker_throughput import (
     machine_facts,
     say,
 )
-from cdc_audit.canonical import canonical_bytes, canonical_bytes_trusted
+from cdc_audit.canonical import canonical_bytes_trusted
+from cdc_audit.chain import HEADER_FIELDS, PAYLOAD_FIELDS
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.ephemeral import EphemeralCluster
 from cdc_audit.errors import CdcAuditError
-from cdc_audit.export import _parse as parse_export  # what verify_export runs, line by line
+from cdc_audit.export import _check_event as check_event_line  # verify_export's feed
+from cdc_audit.export import _parse as parse_export  # verify_export's parser
 from cdc_audit.export import verify_export
 from cdc_audit.keys import PublicKey, load_public_key
 from cdc_audit.merkle import MerkleBuilder
-from cdc_audit.verify import StoredEvent, StreamVerifier, read_stream, verify_stream
+from cdc_audit.verify import StreamVerifier, read_stream_rows, verify_stream
 
 TARGET_RATE = 100_000.0
 SCHEMA = "cdc_audit"
@@ -82,7 +88,7 @@ TXN_ROWS = 50_000
 CHECKPOINT_EVERY = 10_000
 REPEATS = 3
 """Repeats of the cheap in-process measurements (the median is kept): the machine is shared."""
-PURE = "pure: StreamVerifier over parsed events and checkpoints"
+PURE = "pure: StreamVerifier over parsed event lines and checkpoints"
 
 POLICY = """\
 version: 1
@@ -373,8 +379,11 @@ def measure_inprocess(
     anchor = DirectoryAnchor(anchor_dir, DATABASE, SCHEMA)
     with psycopg.connect(dsn) as conn:
         steps: dict[str, Callable[[], object]] = {
-            "online: read + parse only (read_stream)": lambda: _consume(
-                read_stream(conn, SCHEMA, STREAM)
+            "online: read only (read_stream_rows)": lambda: _consume(
+                read_stream_rows(conn, SCHEMA, STREAM)
+            ),
+            "online: read + parse only (read_stream_rows, orjson.loads)": lambda: _consume(
+                orjson.loads(row) for row in read_stream_rows(conn, SCHEMA, STREAM)
             ),
             "online: verify_stream, no anchor": lambda: _check(
                 verify_stream(conn, SCHEMA, STREAM, keys, None)
@@ -387,14 +396,14 @@ def measure_inprocess(
             found.inproc[name] = timed(total, work)
             conn.rollback()
     offline_steps: dict[str, Callable[[], object]] = {
-        "offline: parse only (export lines to StoredEvents)": lambda: _consume(_items(export)),
+        "offline: parse only (lines parsed, proven canonical)": lambda: _consume(_items(export)),
         "offline: verify_export": lambda: _check(verify_export(export, keys)),
     }
     for name, step in offline_steps.items():
         found.inproc[name] = timed(total, step)
 
     items = list(_items(export))
-    events = [item for item in items if isinstance(item, StoredEvent)]
+    events = [item for item in items if not isinstance(item, Checkpoint)]
     # The parsed events are this benchmark's, not the verifier's: keep the cyclic garbage
     # collector from walking them again and again (a streaming verifier holds none of them).
     gc.collect()
@@ -418,7 +427,7 @@ def measure_inprocess(
     return found
 
 
-def _items(export: Path) -> Iterator[StoredEvent | Checkpoint]:
+def _items(export: Path) -> Iterator[dict[str, Any] | Checkpoint]:
     """The export's lines parsed exactly as `verify_export` parses them (its own parser)."""
     with export.open("rb") as lines:
         yield from parse_export(export, lines)
@@ -429,67 +438,73 @@ def _check(verdict: Any) -> None:
         raise BenchError(f"verification failed: {verdict.describe()}")
 
 
-def _verify_items(items: Sequence[StoredEvent | Checkpoint], keys: dict[str, PublicKey]) -> None:
+def _verify_items(items: Sequence[dict[str, Any] | Checkpoint], keys: dict[str, PublicKey]) -> None:
     verifier = StreamVerifier(STREAM, keys)
     for item in items:
         if isinstance(item, Checkpoint):
             verifier.checkpoint(item)
         else:
-            verifier.event(item)
-    if verifier.checked != sum(1 for i in items if isinstance(i, StoredEvent)):
+            check_event_line(verifier, item)
+    if verifier.checked != sum(1 for i in items if not isinstance(i, Checkpoint)):
         raise BenchError("the pure verifier checked a different number of events")
 
 
-def step_costs(events: Sequence[StoredEvent]) -> dict[str, float]:
-    """Per-event µs of each thing `StreamVerifier.event` does, each in its own loop (so they
+def step_costs(events: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-event µs of each thing `StreamVerifier.record` does, each in its own loop (so they
     do not add up exactly to the whole), less the cost of the loop itself."""
     n = len(events)
     sha = hashlib.sha256
 
-    def loop(body: Callable[[StoredEvent], object]) -> float:
+    def loop(body: Callable[[dict[str, Any]], object]) -> float:
         started = time.perf_counter()
         for event in events:
             body(event)
         return (time.perf_counter() - started) * 1e6 / n
 
+    def payload(event: dict[str, Any]) -> dict[str, Any]:
+        return {name: event[name] for name in PAYLOAD_FIELDS}
+
+    def header(event: dict[str, Any]) -> dict[str, Any]:
+        return {name: event[name] for name in HEADER_FIELDS}
+
     empty = loop(lambda e: None)
     costs = {
-        "payload(): build the payload object": loop(lambda e: e.payload()),
-        "payload() + canonical_bytes (refusal walk + orjson)": loop(
-            lambda e: canonical_bytes(e.payload())
-        ),
-        "payload() + canonical_bytes_trusted (orjson only)": loop(
-            lambda e: canonical_bytes_trusted(e.payload())
+        "build the payload object": loop(payload),
+        "build + encode the payload (canonical_bytes_trusted)": loop(
+            lambda e: canonical_bytes_trusted(payload(e))
         ),
         "SHA-256 of the payload bytes": 0.0,
-        "header(): build the header object (commit_time to text)": loop(lambda e: e.header()),
-        "header() + canonical_bytes_trusted": loop(lambda e: canonical_bytes_trusted(e.header())),
+        "build the header object": loop(header),
+        "build + encode the header": loop(lambda e: canonical_bytes_trusted(header(e))),
         "SHA-256 of prev_hash + header bytes": 0.0,
         "Merkle leaf (MerkleBuilder.add)": 0.0,
     }
-    payloads = [canonical_bytes_trusted(e.payload()) for e in events]
-    headers = [e.prev_hash + canonical_bytes_trusted(e.header()) for e in events]
+    payloads = [canonical_bytes_trusted(payload(e)) for e in events]
+    headers = [bytes.fromhex(e["prev_hash"]) + canonical_bytes_trusted(header(e)) for e in events]
     started = time.perf_counter()
     for data in payloads:
-        sha(data).digest()
+        sha(data).hexdigest()
     costs["SHA-256 of the payload bytes"] = (time.perf_counter() - started) * 1e6 / n
     started = time.perf_counter()
     for data in headers:
         sha(data).digest()
     costs["SHA-256 of prev_hash + header bytes"] = (time.perf_counter() - started) * 1e6 / n
+    hashes = [bytes.fromhex(e["hash"]) for e in events]
     builder = MerkleBuilder()
     started = time.perf_counter()
-    for event in events:
-        builder.add(event.hash)
+    for digest in hashes:
+        builder.add(digest)
     costs["Merkle leaf (MerkleBuilder.add)"] = (time.perf_counter() - started) * 1e6 / n
     for name in list(costs):
-        if name.startswith(("payload()", "header()")):
+        if name.startswith("build"):
             costs[name] = max(0.0, costs[name] - empty)
     verifier = StreamVerifier(STREAM, {})
     started = time.perf_counter()
     for event in events:
-        verifier.event(event)
-    costs["whole StreamVerifier.event"] = (time.perf_counter() - started) * 1e6 / n
+        check_event_line(verifier, event)
+    costs["whole StreamVerifier.record (via the export's feed)"] = (
+        (time.perf_counter() - started) * 1e6 / n
+    )
     return costs
 
 

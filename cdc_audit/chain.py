@@ -64,6 +64,8 @@ from cdc_audit.pgoutput import format_lsn
 
 __all__ = [
     "GENESIS",
+    "HEADER_FIELDS",
+    "PAYLOAD_FIELDS",
     "DraftEvent",
     "SealedEvent",
     "StreamChain",
@@ -77,6 +79,15 @@ __all__ = [
     "uuid7",
     "uuid_text",
 ]
+
+PAYLOAD_FIELDS: Final = ("actor_id", "changed", "context", "new", "old", "reason", "row_key")
+"""The keys of the payload object, in canonical order."""
+
+HEADER_FIELDS: Final = (
+    "commit_lsn", "commit_time", "context_missing", "event_id", "kind", "payload_hash",
+    "schema_name", "seq", "stream", "table_name", "xid",
+)  # fmt: skip
+"""The keys of the header object, in canonical order."""
 
 GENESIS: Final = bytes(32)
 """prev_hash of the first event (seq 1) of every stream."""

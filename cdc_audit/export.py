@@ -23,15 +23,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
 from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
+from cdc_audit.chain import HEADER_FIELDS, PAYLOAD_FIELDS
 from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import InvalidInput
 from cdc_audit.keys import PublicKey
-from cdc_audit.values import parse_json_fast
+from cdc_audit.values import parse_json_exact
 from cdc_audit.verify import (
     StoredEvent,
     StreamVerdict,
@@ -174,17 +176,18 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
             return StreamVerifier("?", keys).verdict(TrailProblem(1, str(exc)))
         if first is None:
             raise InvalidInput(f"{path}: the export is empty")
-        verifier = StreamVerifier(first.stream, keys)
+        stream = first.stream if isinstance(first, Checkpoint) else first["stream"]
+        verifier = StreamVerifier(stream if isinstance(stream, str) else "?", keys)
         try:
             if isinstance(first, Checkpoint):
                 verifier.start_after(first)
             else:
-                verifier.event(first)
+                _check_event(verifier, first)
             for item in items:
                 if isinstance(item, Checkpoint):
                     verifier.checkpoint(item)
                 else:
-                    verifier.event(item)
+                    _check_event(verifier, item)
             verifier.finish()
         except _Malformed as exc:
             return verifier.verdict(TrailProblem(verifier.next_seq, str(exc)))
@@ -193,32 +196,66 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
     return verifier.verdict()
 
 
-def _parse(path: Path, lines: IO[bytes]) -> Iterator[StoredEvent | Checkpoint]:
+def _check_event(verifier: StreamVerifier, record: dict[str, Any]) -> None:
+    """Hash an event line's own values: any edit of them shows as a hash that differs."""
+    verifier.record(
+        record["seq"],
+        record["stream"],
+        {name: record[name] for name in HEADER_FIELDS},
+        {name: record[name] for name in PAYLOAD_FIELDS},
+        record["erased"] is True,
+        record["prev_hash"],
+        record["hash"],
+        record["signature"],
+        record["key_id"],
+    )
+
+
+def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | dict[str, Any]]:
+    """Each line as a checkpoint or an event line's object, once it is proven canonical.
+
+    Re-encoding must give the line back byte for byte, so no edit can hide behind an
+    equivalent spelling, and whatever orjson parsed (a fraction included) encodes again to
+    the very text that was hashed.
+    """
     for number, raw in enumerate(lines, start=1):
-        where = f"{path}:{number}"
-        record = parse_json_fast(raw.decode("utf-8", errors="replace").removesuffix("\n"))
-        # Parsed values cannot hold what canonical JSON refuses: encode without the walk.
-        if not isinstance(record, dict) or canonical_bytes_trusted(record) + b"\n" != raw:
+        record = _canonical_record(raw)
+        if record is None:
             raise _Malformed(f"line {number} is not a canonical export line (edited?)")
         kind = record.get("type")
-        try:
-            # Parsing is lenient (hex case, time formats): re-encoding must give the line back,
-            # or an edited byte could slip through as an equivalent spelling.
-            if kind == "checkpoint":
+        if kind == "event":
+            if record.keys() != _EVENT_KEYS:
+                raise _Malformed(f"line {number}: an event line must have exactly the event fields")
+            yield record
+        elif kind == "checkpoint":
+            where = f"{path}:{number}"
+            try:
                 body = {k: v for k, v in record.items() if k != "type"}
                 checkpoint = Checkpoint.from_record(body, where)
                 if canonical_bytes_trusted(checkpoint_line(checkpoint)) + b"\n" != raw:
                     raise InvalidInput(f"{where}: the checkpoint line is not in canonical form")
-                yield checkpoint
-            elif kind == "event":
-                event = event_from_line(record, where)
-                if canonical_bytes_trusted(event_line(event)) + b"\n" != raw:
-                    raise InvalidInput(f"{where}: the event line is not in canonical form")
-                yield event
-            else:
-                raise InvalidInput(f"{where}: unknown line type {kind!r}")
-        except InvalidInput as exc:
-            raise _Malformed(f"line {number}: {exc}") from None
+            except InvalidInput as exc:
+                raise _Malformed(f"line {number}: {exc}") from None
+            yield checkpoint
+        else:
+            raise _Malformed(f"line {number}: unknown line type {kind!r}")
+
+
+def _canonical_record(raw: bytes) -> dict[str, Any] | None:
+    """The line's object if the line is exactly its canonical encoding plus a newline."""
+    try:
+        record = orjson.loads(raw)
+        encoded = canonical_bytes_trusted(record)
+    except (orjson.JSONDecodeError, TypeError):
+        # An integer beyond +-(2**53 - 1), say: the exact parser keeps its text.
+        record = parse_json_exact(raw.decode("utf-8", errors="replace").removesuffix("\n"))
+        try:
+            encoded = canonical_bytes_trusted(record)
+        except TypeError:
+            return None
+    if not isinstance(record, dict) or encoded + b"\n" != raw:
+        return None
+    return record
 
 
 def event_from_line(record: Any, where: str) -> StoredEvent:

@@ -1,8 +1,10 @@
 """Verification: recompute every hash, link, Merkle root and signature of a stream.
 
 Every event is re-hashed from its columns: the payload from row_key/old/new/changed/actor_id/
-reason/context (read as jsonb text and parsed with exact numbers, the same values the worker
-hashed), the header from the other columns, and the link from the previous event's hash.
+reason/context (the jsonb values as PostgreSQL prints them, which is what the worker hashed),
+the header from the other columns, and the link from the previous event's hash. The server
+renders each event as one JSON array and orjson parses it; the rare event holding a number
+orjson cannot keep exactly is parsed again with exact numbers before its verdict counts.
 Checkpoints are checked against the events they cover (range, head hash, Merkle root) and
 their signature against the registered public keys (retired ones included: what they signed
 stays valid). Online, the newest checkpoints are compared with the anchor, which is what
@@ -14,12 +16,14 @@ export alike, and stops at the first problem, naming its sequence number.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import contextlib
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from hashlib import sha256
+from typing import Any, Final, cast
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
@@ -30,19 +34,20 @@ from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.keys import PublicKey, public_key_from_pem, registered_keys
 from cdc_audit.merkle import MerkleBuilder
 from cdc_audit.pgoutput import parse_lsn
-from cdc_audit.values import parse_json_fast
+from cdc_audit.values import parse_json_exact, parse_json_fast
 
 __all__ = [
     "StoredEvent",
     "StreamVerdict",
     "StreamVerifier",
     "read_stream",
+    "read_stream_rows",
     "stored_checkpoints",
     "verify_events",
     "verify_stream",
 ]
 
-_FETCH: Final = 5000
+_FETCH: Final = 1000
 encode: Final = canonical_bytes_trusted
 _PROGRESS_EVERY: Final = 100_000
 
@@ -142,6 +147,10 @@ class TrailProblem(Exception):
         super().__init__(problem)
 
 
+class PayloadMismatch(TrailProblem):
+    """The payload does not hash to its payload_hash (as parsed: see `StreamVerifier.record`)."""
+
+
 class StreamVerifier:
     """Checks one stream fed in order: its events, each checkpoint right after its last event.
 
@@ -155,6 +164,7 @@ class StreamVerifier:
         self.keys = keys
         self.next_seq = 1
         self.prev = GENESIS
+        self.prev_hex = GENESIS.hex()
         self.range_first = 1
         self.range = MerkleBuilder()
         self.checked = 0
@@ -167,45 +177,86 @@ class StreamVerifier:
         self._check_signature(checkpoint, checkpoint.last_seq)
         self.next_seq = self.range_first = checkpoint.last_seq + 1
         self.prev = checkpoint.head_hash
+        self.prev_hex = checkpoint.head_hash.hex()
         self.signed_up_to = checkpoint.last_seq
         self.checkpoints += 1
 
     def event(self, event: StoredEvent) -> None:
-        seq = event.seq
-        if event.stream != self.stream:
-            raise TrailProblem(seq, f"event of stream {event.stream} inside stream {self.stream}")
+        self.record(
+            event.seq,
+            event.stream,
+            event.header(),
+            event.payload(),
+            event.erased,
+            event.prev_hash.hex(),
+            event.hash.hex(),
+            None if event.signature is None else event.signature.hex(),
+            event.key_id,
+        )
+
+    def record(
+        self,
+        seq: int,
+        stream: str,
+        header: dict[str, JsonValue],
+        payload: dict[str, JsonValue],
+        erased: bool,
+        prev_hash: str,
+        hash_hex: str,
+        signature: str | None,
+        key_id: str | None,
+    ) -> None:
+        """Check the next event, given as its chain objects and the hex of its hashes.
+
+        This is the per-event path of every verification, so it takes what the readers
+        already hold instead of a `StoredEvent`: building one costs as much as hashing it.
+        Nothing is changed before all checks pass, so a caller may retry after
+        `PayloadMismatch` with a payload parsed more carefully.
+        """
+        if stream != self.stream:
+            raise TrailProblem(seq, f"event of stream {stream} inside stream {self.stream}")
         if seq != self.next_seq:
             what = "missing" if seq > self.next_seq else "repeated or out of order"
             raise TrailProblem(
                 self.next_seq,
                 f"sequence gap: expected seq {self.next_seq}, found {seq} (events {what})",
             )
-        if event.prev_hash != self.prev:
+        if prev_hash != self.prev_hex:
             raise TrailProblem(seq, "link broken: prev_hash is not the previous event's hash")
-        if event.erased:
-            if any(value is not None for value in event.payload().values()):
+        if erased:
+            if any(value is not None for value in payload.values()):
                 raise TrailProblem(seq, "payload changed: marked erased but not empty")
-            self.erased += 1
-        # Values come from the exact JSON parser and the columns' own types: nothing in them
-        # can be what canonical JSON refuses, so the refusal walk is skipped (it would double
-        # the cost of verifying).
-        elif hashlib.sha256(encode(event.payload())).digest() != event.payload_hash:
-            raise TrailProblem(seq, "payload changed: it does not match its payload_hash")
-        if hashlib.sha256(self.prev + encode(event.header())).digest() != event.hash:
+        # Values come from a JSON parser and the columns' own types: nothing in them can be
+        # what canonical JSON refuses, so the refusal walk is skipped (it would double the
+        # cost of verifying).
+        elif sha256(encode(payload)).hexdigest() != header["payload_hash"]:
+            raise PayloadMismatch(seq, "payload changed: it does not match its payload_hash")
+        digest = sha256(self.prev + encode(header)).digest()
+        if digest.hex() != hash_hex:
             raise TrailProblem(seq, "header changed: the event's hash does not match its fields")
-        if event.signature is not None or event.key_id is not None:
-            self._check_event_signature(event)
-        self.prev = event.hash
-        self.range.add(event.hash)
+        if signature is not None or key_id is not None:
+            self._check_event_signature(seq, digest, signature, key_id)
+        if erased:
+            self.erased += 1
+        self.prev = digest
+        self.prev_hex = hash_hex
+        self.range.add(digest)
         self.next_seq += 1
         self.checked += 1
 
-    def _check_event_signature(self, event: StoredEvent) -> None:
-        key = self.keys.get(event.key_id or "")
+    def _check_event_signature(
+        self, seq: int, digest: bytes, signature: str | None, key_id: str | None
+    ) -> None:
+        key = self.keys.get(key_id or "")
         if key is None:
-            raise TrailProblem(event.seq, f"signed by unregistered key {event.key_id}")
-        if event.signature is None or not key.verify(event.signature, event.hash):
-            raise TrailProblem(event.seq, "signature invalid")
+            raise TrailProblem(seq, f"signed by unregistered key {key_id}")
+        try:
+            raw = None if signature is None else bytes.fromhex(signature)
+        except ValueError:
+            raw = None
+        # Lower-case hex only: an export line must not verify with a byte changed anywhere.
+        if raw is None or raw.hex() != signature or not key.verify(raw, digest):
+            raise TrailProblem(seq, "signature invalid")
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         last = self.next_seq - 1
@@ -366,9 +417,10 @@ def verify_stream(
     pending = iter(checkpoints)
     upcoming = next(pending, None)
     try:
-        for event in read_stream(conn, schema, stream):
-            verifier.event(event)
-            while upcoming is not None and upcoming.last_seq == event.seq:
+        for text in read_stream_rows(conn, schema, stream):
+            _check_row(verifier, text)
+            seq = verifier.next_seq - 1
+            while upcoming is not None and upcoming.last_seq == seq:
                 verifier.checkpoint(upcoming)
                 upcoming = next(pending, None)
             if progress is not None and verifier.checked % _PROGRESS_EVERY == 0:
@@ -380,6 +432,122 @@ def verify_stream(
     except TrailProblem as bad:
         return verifier.verdict(bad, None)
     return verifier.verdict(None, anchored)
+
+
+# One JSON array per event, rendered by the server: one parse per event instead of a row of
+# typed columns to load and four jsonb texts to parse, and a server that streams while the
+# verifier hashes. Nothing here is trusted: a rendering that differed from the columns would
+# only fail the hashes. Under TimeZone UTC, to_json(timestamptz) prints the chain's time
+# format except for trailing zeros of the fraction (see _chain_time).
+_ROWS_QUERY: Final = """
+SELECT '[' || seq
+    || ',' || to_json(event_id::text)
+    || ',' || coalesce(to_json(commit_lsn::text)::text, 'null')
+    || ',' || to_json(commit_time)
+    || ',' || coalesce(xid::text, 'null')
+    || ',' || to_json(kind)
+    || ',' || coalesce(to_json(schema_name)::text, 'null')
+    || ',' || coalesce(to_json(table_name)::text, 'null')
+    || ',' || context_missing
+    || ',"' || encode(payload_hash, 'hex')
+    || '","' || encode(prev_hash, 'hex')
+    || '","' || encode(hash, 'hex')
+    || '",' || coalesce(to_json(encode(signature, 'hex'))::text, 'null')
+    || ',' || coalesce(to_json(key_id)::text, 'null')
+    || ',' || (erased_at IS NOT NULL)
+    || ',{{"actor_id":' || coalesce(to_json(actor_id)::text, 'null')
+    || ',"changed":' || coalesce(to_json(changed)::text, 'null')
+    || ',"context":' || coalesce(context::text, 'null')
+    || ',"new":' || coalesce(new::text, 'null')
+    || ',"old":' || coalesce(old::text, 'null')
+    || ',"reason":' || coalesce(to_json(reason)::text, 'null')
+    || ',"row_key":' || coalesce(row_key::text, 'null')
+    || '}}]'
+FROM {schema}.event WHERE stream = %s AND seq > %s ORDER BY seq
+"""
+
+
+def read_stream_rows(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str, after_seq: int = 0
+) -> Iterator[str]:
+    """The events of `stream` after `after_seq` in seq order, as the JSON arrays of
+    `_ROWS_QUERY`, streamed (memory stays flat whatever the trail's size)."""
+    query = sql.SQL(_ROWS_QUERY).format(schema=sql.Identifier(schema))
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.execute("SET LOCAL TimeZone = 'UTC'")
+        # Read in primary key order as it streams: a plan that sorts the whole stream first
+        # (the planner's choice for a full read) delays the first event and spills to disk.
+        cursor.execute("SET LOCAL enable_sort = off")
+        if psycopg.pq.version() >= 170000:
+            # libpq 17's chunked rows: the server keeps sending while this side hashes.
+            rows = cast(
+                "Generator[tuple[Any, ...], None, None]",  # what psycopg returns
+                cursor.stream(query, (stream, after_seq), size=_FETCH),
+            )
+            try:
+                for (text,) in rows:
+                    yield text
+            except GeneratorExit:
+                # Stopped early (a bad event): cancel, or closing would read the rest.
+                conn.cancel_safe()
+                with contextlib.suppress(psycopg.errors.QueryCanceled):
+                    rows.close()
+                raise
+            return
+        with conn.cursor(name=f"read_stream_rows_{stream}") as named:
+            named.itersize = _FETCH
+            named.execute(query, (stream, after_seq))
+            for (text,) in named:
+                yield text
+
+
+def _check_row(verifier: StreamVerifier, text: str) -> None:
+    """Feed one row of `read_stream_rows` to `verifier`.
+
+    orjson parses first. A number it cannot keep exactly (a fraction, an exponent, a large
+    integer) can only make the payload hash differ or the encoding refuse; then the row is
+    parsed again with exact numbers, and only that verdict counts.
+    """
+    try:
+        _check_fields(verifier, orjson.loads(text))
+    except (PayloadMismatch, TypeError, orjson.JSONDecodeError):
+        try:
+            _check_fields(verifier, parse_json_exact(text))
+        except TypeError as exc:
+            raise TrailProblem(verifier.next_seq, f"unreadable event: {exc}") from None
+
+
+def _check_fields(verifier: StreamVerifier, fields: Any) -> None:
+    (seq, event_id, commit_lsn, commit_time, xid, kind, schema_name, table_name,
+     context_missing, payload_hash, prev_hash, hash_hex, signature, key_id, erased,
+     payload) = fields  # fmt: skip
+    header: dict[str, JsonValue] = {
+        "commit_lsn": commit_lsn,
+        "commit_time": _chain_time(commit_time),
+        "context_missing": context_missing,
+        "event_id": event_id,
+        "kind": kind,
+        "payload_hash": payload_hash,
+        "schema_name": schema_name,
+        "seq": seq,
+        "stream": verifier.stream,
+        "table_name": table_name,
+        "xid": xid,
+    }
+    verifier.record(
+        seq, verifier.stream, header, payload, erased, prev_hash, hash_hex, signature, key_id
+    )
+
+
+def _chain_time(text: str) -> str:
+    """to_json(timestamptz) in UTC to the chain's form: six fraction digits, or none."""
+    if len(text) in (25, 32):  # no fraction, or six digits: already the chain's form
+        return text
+    head, dot, rest = text.partition(".")
+    if not dot:
+        return text
+    fraction, plus, zone = rest.partition("+")
+    return f"{head}.{fraction.ljust(6, '0')}{plus}{zone}"
 
 
 def _trusted_by_anchor(

@@ -77,6 +77,8 @@ class BaseTrail:
     public_key: Path
     export: Path
     """An export of the untouched `user` stream."""
+    admin_export: Path
+    """An export of the untouched `admin` stream, whose every event is signed."""
 
 
 def _cli(dsn: str, *args: str, process: bool = True) -> subprocess.CompletedProcess[str]:
@@ -160,12 +162,14 @@ def _build(db: Database, tmp: Path) -> BaseTrail:
     ]
     export = tmp / "user.jsonl"
     _ok(_cli(db.dsn, "export", "--stream", "user", "--output", str(export)))
+    admin_export = tmp / "admin.jsonl"
+    _ok(_cli(db.dsn, "export", "--stream", "admin", "--output", str(admin_export)))
     # The clones do not stream: the base's slot would only hold WAL back.
     db.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
         " WHERE database = current_database()"
     )
-    return BaseTrail(db, tmp, anchors, private, public, export)
+    return BaseTrail(db, tmp, anchors, private, public, export, admin_export)
 
 
 # ------------------------------------------------------------------------------ verdicts
@@ -803,14 +807,19 @@ def test_any_byte_changed_in_an_export_fails_offline_verification(
         pytest.param("hash", b"", b"", id="hash-upper-case"),
         pytest.param("payload_hash", b"", b"", id="payload-hash-upper-case"),
         pytest.param("signature", b"", b"", id="checkpoint-signature-upper-case"),
+        pytest.param("event signature", b"", b"", id="event-signature-upper-case"),
     ],
 )
 def test_equivalent_spellings_in_an_export_fail_too(
     base: BaseTrail, tmp_path: Path, field: str, old: bytes, new: bytes
 ) -> None:
-    data = base.export.read_bytes()
+    source = base.admin_export if field == "event signature" else base.export
+    assert _verify_file(base, source).code == 0
+    data = source.read_bytes()
     if field == "signature":  # a checkpoint line's signature
         pattern = rb'"signature":"([0-9a-f]+)","statement"'
+    elif field == "event signature":  # a stream signed every_row
+        pattern = rb'"signature":"([0-9a-f]+)","stream"'
     else:
         pattern = rb'"' + field.encode() + rb'":"([^"]+)"'
     match = next(m for m in re.finditer(pattern, data) if old in m[1])
