@@ -139,6 +139,8 @@ class TransactionAssembler:
         self._prefix_app = f"{schema}.app"
         self._prefix_ddl = f"{schema}.ddl"
         self._prefix_erase = f"{schema}.erase"
+        self._prefix_purge = f"{schema}.purge"
+        self._prefix_privilege = f"{schema}.privilege"
         self._relations.clear()
         for relation in self._announced.values():
             self._relation(relation)
@@ -288,6 +290,10 @@ class TransactionAssembler:
             return [self._message_draft(message, "app", stream, content, new)]
         if prefix == self._prefix_erase:
             return [self._erasure(message)]
+        if prefix == self._prefix_purge:
+            return self._purge(message)
+        if prefix == self._prefix_privilege:
+            return [self._administrative(message, "privilege")]
         if prefix == self._prefix_ddl:
             if self._policy.ddl is None:
                 return []
@@ -306,6 +312,28 @@ class TransactionAssembler:
             stream = named if isinstance(named, str) else next(iter(self._policy.streams))
         new = {k: content.get(k) for k in _ERASURE_FIELDS}
         return self._message_draft(message, "erasure", stream, content, new)
+
+    def _purge(self, message: LogicalMessage) -> list[DraftEvent]:
+        """A purge about to drop sealed events: recorded in the purged stream itself, so the
+        record is chained and signed with what remains (see `cdc_audit.purge`)."""
+        content = _content(message)
+        stream = content.get("stream")
+        if not isinstance(stream, str) or stream not in self._policy.streams:
+            return []
+        new = {k: v for k, v in content.items() if k not in _CONTEXT_KEYS | _BOOKKEEPING}
+        return [self._message_draft(message, "purge", stream, content, new)]
+
+    def _administrative(self, message: LogicalMessage, kind: str) -> DraftEvent:
+        """An administrative fact the jobs observed (a privilege change): in the DDL stream,
+        else in the first stream of the policy."""
+        content = _content(message)
+        stream = (
+            self._policy.ddl.stream
+            if self._policy.ddl is not None
+            else next(iter(self._policy.streams))
+        )
+        new = {k: v for k, v in content.items() if k not in _CONTEXT_KEYS | _BOOKKEEPING}
+        return self._message_draft(message, kind, stream, content, new)
 
     def _context_message(self, message: LogicalMessage) -> None:
         # A context outside a transaction has no changes to attach to.

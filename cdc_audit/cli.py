@@ -7,7 +7,7 @@ import gc
 import json
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
@@ -15,17 +15,25 @@ from typing import NoReturn
 import psycopg
 from pydantic import ValidationError
 
-from . import __version__, installer, keys, logs, status, trail_commands
+from . import (
+    __version__,
+    drift_commands,
+    installer,
+    job_commands,
+    keys,
+    logs,
+    snapshot_commands,
+    status,
+    trail_commands,
+)
 from .canonical import canonical_bytes
+from .cli_common import Handler, dsn_of, policy_of, say, schema_of, signing_key_of
 from .db import connect, database_error
 from .errors import CdcAuditError, DatabaseError, IntegrityError, InvalidInput
 from .names import InstallNames
-from .policy import LoadedPolicy, load_policy
 from .proof import make_proof, verify_proof
 from .settings import Settings
 from .worker import Worker, WorkerOptions, install_signal_handlers
-
-Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,28 +43,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _policy(args: argparse.Namespace, settings: Settings) -> LoadedPolicy:
-    path = getattr(args, "policy", None) or settings.policy
-    if path is None:
-        raise InvalidInput("no policy given: use --policy FILE or set CDC_AUDIT_POLICY")
-    return load_policy(Path(path))
-
-
-def _dsn(args: argparse.Namespace, settings: Settings) -> str | None:
-    return getattr(args, "dsn", None) or settings.dsn
-
-
-def _schema(args: argparse.Namespace, settings: Settings) -> str:
-    """--schema, else the policy's schema when a policy is given, else the default."""
-    if getattr(args, "schema", None):
-        return str(args.schema)
-    if getattr(args, "policy", None) or settings.policy:
-        return _policy(args, settings).policy.schema_name
-    return "cdc_audit"
+_say = say
+_policy = policy_of
+_dsn = dsn_of
+_schema = schema_of
+_signing_key = signing_key_of
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -135,11 +126,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         return worker.run()
     finally:
         restore()
-
-
-def _signing_key(settings: Settings) -> keys.SigningKey | None:
-    path = settings.signing_key_file
-    return None if path is None else keys.load_signing_key(Path(path))
 
 
 def cmd_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
@@ -355,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", metavar="TIME", help="ISO 8601 time (inclusive)")
     export.add_argument("--until", metavar="TIME", help="ISO 8601 time (exclusive)")
     export.add_argument("--output", required=True, metavar="FILE", help="file, or - for stdout")
+    job_commands.add_commands(command)
+    snapshot_commands.add_commands(command)
+    drift_commands.add_commands(command)
     # `keys` always has an action (required), whose handler replaces this one.
     _keys_commands(command("keys", cmd_keys_list, "register, list and retire signing keys"))
     return parser

@@ -71,6 +71,8 @@ class InstallNames:
             "msg_ddl": sql.Literal(self.message_prefix("ddl")),
             "msg_mark": sql.Literal(self.message_prefix("mark")),
             "msg_erase": sql.Literal(self.message_prefix("erase")),
+            "msg_purge": sql.Literal(self.message_prefix("purge")),
+            "msg_privilege": sql.Literal(self.message_prefix("privilege")),
             "guc_erasing": sql.Literal(self.setting("erasing")),
             "app_stream": sql.SQL("{}::text").format(sql.Literal(app_stream)),
         }

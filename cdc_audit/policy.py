@@ -430,6 +430,8 @@ class JobsPolicy(_Model):
     purge: CronExpression = None
     verify: CronExpression = None
     snapshot: CronExpression = None
+    privileges: CronExpression = None
+    """The privilege snapshot diff and the drift check."""
 
 
 class Policy(_Model):

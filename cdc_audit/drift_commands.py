@@ -1,0 +1,9 @@
+"""Commands of the drift jobs (filled in with the jobs themselves)."""
+
+from __future__ import annotations
+
+from .cli_common import AddCommand
+
+
+def add_commands(command: AddCommand) -> None:
+    """Register this module's sub-commands."""
