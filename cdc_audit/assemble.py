@@ -293,7 +293,7 @@ class TransactionAssembler:
         if prefix == self._prefix_purge:
             return self._purge(message)
         if prefix == self._prefix_privilege:
-            return [self._administrative(message, "privilege")]
+            return [self._administrative(message)]
         if prefix == self._prefix_ddl:
             if self._policy.ddl is None:
                 return []
@@ -323,16 +323,18 @@ class TransactionAssembler:
         new = {k: v for k, v in content.items() if k not in _CONTEXT_KEYS | _BOOKKEEPING}
         return [self._message_draft(message, "purge", stream, content, new)]
 
-    def _administrative(self, message: LogicalMessage, kind: str) -> DraftEvent:
-        """An administrative fact the jobs observed (a privilege change): in the DDL stream,
-        else in the first stream of the policy."""
+    def _administrative(self, message: LogicalMessage) -> DraftEvent:
+        """An administrative fact the jobs observed (a privilege change, drift from the
+        policy): in the DDL stream, else in the first stream of the policy."""
         content = _content(message)
+        kind = "drift" if content.get("kind") == "drift" else "privilege"
         stream = (
             self._policy.ddl.stream
             if self._policy.ddl is not None
             else next(iter(self._policy.streams))
         )
-        new = {k: v for k, v in content.items() if k not in _CONTEXT_KEYS | _BOOKKEEPING}
+        skip = _CONTEXT_KEYS | _BOOKKEEPING | {"kind"}
+        new = {k: v for k, v in content.items() if k not in skip}
         return self._message_draft(message, kind, stream, content, new)
 
     def _context_message(self, message: LogicalMessage) -> None:
