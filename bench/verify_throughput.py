@@ -79,6 +79,7 @@ from cdc_audit.export import _parse as parse_export  # verify_export's parser
 from cdc_audit.export import verify_export
 from cdc_audit.keys import PublicKey, load_public_key
 from cdc_audit.merkle import MerkleBuilder
+from cdc_audit.purge_record import PurgeStart
 from cdc_audit.verify import StreamVerifier, read_stream_rows, verify_stream
 
 TARGET_RATE = 100_000.0
@@ -430,7 +431,10 @@ def measure_inprocess(
 def _items(export: Path) -> Iterator[dict[str, Any] | Checkpoint]:
     """The export's lines parsed exactly as `verify_export` parses them (its own parser)."""
     with export.open("rb") as lines:
-        yield from parse_export(export, lines)
+        for item in parse_export(export, lines):
+            if isinstance(item, PurgeStart):
+                raise BenchError("the benchmark's export starts after a purge")
+            yield item
 
 
 def _check(verdict: Any) -> None:

@@ -33,6 +33,7 @@ from cdc_audit.chain import HEADER_FIELDS, PAYLOAD_FIELDS
 from cdc_audit.checkpoints import Checkpoint
 from cdc_audit.errors import InvalidInput
 from cdc_audit.keys import PublicKey
+from cdc_audit.purge_record import PurgeStart, parse_purge_record, purge_record_ending_at
 from cdc_audit.values import parse_json_exact
 from cdc_audit.verify import (
     StoredEvent,
@@ -106,7 +107,16 @@ def export_stream(
         covering = [c for c in checkpoints if c.first_seq <= last <= c.last_seq]
         last = covering[0].last_seq if covering else last
     before = [c for c in checkpoints if c.last_seq < first]
-    if before:
+    purged = _purged_up_to(conn, schema, stream)
+    if purged is not None and (not before or before[-1].last_seq <= purged.last_seq):
+        # What the export would start from was purged: start from the purge record, and
+        # reach the purge event itself, which proves the record.
+        first = purged.last_seq + 1
+        out.write(canonical_bytes(purge_line(stream, purged.record)) + b"\n")
+        last = None if last is None else max(last, purged.seq)
+        checkpoints = [c for c in checkpoints if c.last_seq > purged.last_seq]
+        before = []
+    elif before:
         first = before[-1].last_seq + 1
         out.write(canonical_bytes(checkpoint_line(before[-1])) + b"\n")
     elif first > 1:
@@ -127,6 +137,22 @@ def export_stream(
             out.write(canonical_bytes(checkpoint_line(upcoming)) + b"\n")
             upcoming = next(after, None)
     return first, first + count - 1, count
+
+
+def purge_line(stream: str, record: dict[str, Any]) -> dict[str, JsonValue]:
+    return {"type": "purge", "stream": stream, "record": record}
+
+
+def _purged_up_to(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str
+) -> PurgeStart | None:
+    """The purge record the stream's remaining events start after, if any were purged."""
+    row = conn.execute(
+        sql.SQL("SELECT min(seq) FROM {}.event WHERE stream = %s").format(sql.Identifier(schema)),
+        (stream,),
+    ).fetchone()
+    first = int(row[0]) if row is not None and row[0] is not None else 1
+    return None if first <= 1 else purge_record_ending_at(conn, schema, stream, first - 1)
 
 
 def _resolve(
@@ -176,16 +202,20 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
             return StreamVerifier("?", keys).verdict(TrailProblem(1, str(exc)))
         if first is None:
             raise InvalidInput(f"{path}: the export is empty")
-        stream = first.stream if isinstance(first, Checkpoint) else first["stream"]
+        stream = first.stream if isinstance(first, Checkpoint | PurgeStart) else first["stream"]
         verifier = StreamVerifier(stream if isinstance(stream, str) else "?", keys)
         try:
             if isinstance(first, Checkpoint):
                 verifier.start_after(first)
+            elif isinstance(first, PurgeStart):
+                verifier.start_after_purge(first)
             else:
                 _check_event(verifier, first)
             for item in items:
                 if isinstance(item, Checkpoint):
                     verifier.checkpoint(item)
+                elif isinstance(item, PurgeStart):
+                    raise _Malformed("a purge line may only start an export")
                 else:
                     _check_event(verifier, item)
             verifier.finish()
@@ -211,7 +241,7 @@ def _check_event(verifier: StreamVerifier, record: dict[str, Any]) -> None:
     )
 
 
-def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | dict[str, Any]]:
+def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | dict[str, Any]]:
     """Each line as a checkpoint or an event line's object, once it is proven canonical.
 
     Re-encoding must give the line back byte for byte, so no edit can hide behind an
@@ -237,6 +267,11 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | dict[str, Any]
             except InvalidInput as exc:
                 raise _Malformed(f"line {number}: {exc}") from None
             yield checkpoint
+        elif kind == "purge" and set(record) == {"type", "stream", "record"}:
+            try:
+                yield parse_purge_record(record["record"], record["stream"], f"{path}:{number}")
+            except ValueError as exc:
+                raise _Malformed(f"line {number}: {exc}") from None
         else:
             raise _Malformed(f"line {number}: unknown line type {kind!r}")
 

@@ -204,6 +204,27 @@ class MerkleBuilder:
         stack.append(node)
         self._size += 1
 
+    @classmethod
+    def resume(cls, size: int, frontier: Sequence[bytes]) -> MerkleBuilder:
+        """A builder that continues after `size` leaves whose `frontier` was saved: the
+        leaves themselves are not needed (a purge keeps a range's frontier, not its events).
+        """
+        if size < 0 or len(frontier) != size.bit_count():
+            raise ValueError(
+                f"a frontier of {size} leaves has {max(size, 0).bit_count()} roots,"
+                f" not {len(frontier)}"
+            )
+        if any(len(root) != 32 for root in frontier):
+            raise ValueError("frontier roots must be 32-byte SHA-256 digests")
+        builder = cls()
+        builder._size = size
+        builder._stack = list(frontier)
+        return builder
+
+    def frontier(self) -> list[bytes]:
+        """The roots of the perfect subtrees so far, largest first: enough to `resume`."""
+        return list(self._stack)
+
     def extend(self, leaves: Iterable[bytes]) -> None:
         """Append leaves in order (any iterable: nothing is held beyond the stack)."""
         for leaf in leaves:

@@ -237,7 +237,7 @@ def build_apply_plan(
     policy = loaded.policy
     builder = PlanBuilder(installed.names, policy.app_events.stream if policy.app_events else None)
     migrated = _plan_foundation(builder, installed, target_migration)
-    _plan_runtime(builder, installed)
+    _plan_runtime(builder, installed, ",".join(sorted(policy.streams)))
     _plan_publication(builder, installed)
     plan_released_tables(builder, installed, {t.key for t in targets})
     for target in targets:
@@ -317,7 +317,7 @@ def _plan_migrations(builder: PlanBuilder, installed: Installed, target: int | N
     return bool(pending)
 
 
-def _plan_runtime(builder: PlanBuilder, installed: Installed) -> None:
+def _plan_runtime(builder: PlanBuilder, installed: Installed, streams: str) -> None:
     digest = runtime_sha256(builder)
     schema = sql.Identifier(installed.names.schema)
     if installed.settings.get("runtime_sha256") != digest:
@@ -333,11 +333,16 @@ def _plan_runtime(builder: PlanBuilder, installed: Installed) -> None:
             *builder.as_owner(*files),
             remember,
         )
-    if installed.missing_partitions != 0:
+    if installed.missing_partitions != 0 or installed.settings.get("streams") != streams:
+        record_streams = sql.SQL(
+            "INSERT INTO {}.install_setting (key, value) VALUES ('streams', {}) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        ).format(schema, sql.Literal(streams))
         builder.add(
             "partitions",
             installed.names.schema,
-            "monthly partitions of the trail, from last month to three months ahead",
+            "monthly partitions of the trail, by stream, from last month to three months ahead",
+            record_streams,
             sql.SQL("SELECT {}.ensure_event_partitions(3)").format(schema),
         )
     if installed.emit_message_public:

@@ -34,6 +34,7 @@ from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.keys import PublicKey, public_key_from_pem, registered_keys
 from cdc_audit.merkle import MerkleBuilder
 from cdc_audit.pgoutput import parse_lsn
+from cdc_audit.purge_record import PurgeStart, purge_record_ending_at
 from cdc_audit.values import parse_json_exact, parse_json_fast
 
 __all__ = [
@@ -171,6 +172,8 @@ class StreamVerifier:
         self.checkpoints = 0
         self.signed_up_to = 0
         self.erased = 0
+        self.purge_record: dict[str, Any] | None = None
+        """The purge record verification started from, until it is met in the chain."""
 
     def start_after(self, checkpoint: Checkpoint) -> None:
         """Begin after `checkpoint` (whose own range is not available), trusting its signature."""
@@ -180,6 +183,34 @@ class StreamVerifier:
         self.prev_hex = checkpoint.head_hash.hex()
         self.signed_up_to = checkpoint.last_seq
         self.checkpoints += 1
+
+    def start_after_purge(self, start: PurgeStart) -> None:
+        """Begin after events a purge dropped, from its record (see `cdc_audit.purge`).
+
+        The record is trusted this far only: its checkpoint's signature must hold, and the
+        purge event itself must be met further on, identical (`finish` refuses otherwise).
+        """
+        checkpoint = start.checkpoint
+        first = start.last_seq + 1
+        if (
+            checkpoint.stream != self.stream
+            or not checkpoint.first_seq <= start.last_seq <= checkpoint.last_seq
+            or start.merkle_size != start.last_seq - checkpoint.first_seq + 1
+        ):
+            raise TrailProblem(first, "the purge record does not match the checkpoint it names")
+        self._check_signature(checkpoint, first)
+        try:
+            self.range = MerkleBuilder.resume(start.merkle_size, start.merkle_frontier)
+        except ValueError as exc:
+            raise TrailProblem(first, f"the purge record is malformed: {exc}") from None
+        self.next_seq = first
+        self.prev = start.last_hash
+        self.prev_hex = start.last_hash.hex()
+        self.range_first = checkpoint.first_seq
+        self.signed_up_to = checkpoint.first_seq - 1
+        self.purge_record = start.record
+        if checkpoint.last_seq == start.last_seq:
+            self.checkpoint(checkpoint)  # the dropped events were signed as a whole range
 
     def event(self, event: StoredEvent) -> None:
         self.record(
@@ -238,6 +269,9 @@ class StreamVerifier:
             self._check_event_signature(seq, digest, signature, key_id)
         if erased:
             self.erased += 1
+        # Met in the chain: the purge record verification started from holds.
+        if self.purge_record is not None and payload.get("new") == self.purge_record:
+            self.purge_record = None
         self.prev = digest
         self.prev_hex = hash_hex
         self.range.add(digest)
@@ -301,6 +335,11 @@ class StreamVerifier:
     def finish(self) -> None:
         """After the last event: once a stream is signed, every event must be."""
         last = self.next_seq - 1
+        if self.purge_record is not None:
+            raise TrailProblem(
+                int(self.purge_record.get("last_seq", 0)) + 1,
+                "verification started from a purge record that is not in the chain",
+            )
         if self.checkpoints and self.signed_up_to < last:
             raise TrailProblem(
                 self.signed_up_to + 1,
@@ -403,10 +442,13 @@ def verify_stream(
     keys: Mapping[str, PublicKey] | None = None,
     anchor: DirectoryAnchor | None = None,
     progress: Callable[[int], None] | None = None,
+    since: Checkpoint | None = None,
 ) -> StreamVerdict:
     """Verify a stream as stored: events, checkpoints and signatures, then the anchor.
 
-    Without `keys`, the registered keys are read from the installation.
+    Without `keys`, the registered keys are read from the installation. With `since` (a
+    checkpoint verified before), only what follows it is read again. A stream whose oldest
+    events were purged starts from the purge record of the last event dropped.
     """
     if keys is None:
         keys = registered_keys(conn, schema)
@@ -414,10 +456,11 @@ def verify_stream(
         keys = _trusted_by_anchor(keys, anchor)
     checkpoints = stored_checkpoints(conn, schema, stream)
     verifier = StreamVerifier(stream, keys)
-    pending = iter(checkpoints)
-    upcoming = next(pending, None)
     try:
-        for text in read_stream_rows(conn, schema, stream):
+        after = _start(conn, schema, stream, verifier, since)
+        pending = iter([c for c in checkpoints if c.last_seq > after])
+        upcoming = next(pending, None)
+        for text in read_stream_rows(conn, schema, stream, after):
             _check_row(verifier, text)
             seq = verifier.next_seq - 1
             while upcoming is not None and upcoming.last_seq == seq:
@@ -432,6 +475,36 @@ def verify_stream(
     except TrailProblem as bad:
         return verifier.verdict(bad, None)
     return verifier.verdict(None, anchored)
+
+
+def _start(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    stream: str,
+    verifier: StreamVerifier,
+    since: Checkpoint | None,
+) -> int:
+    """Set `verifier` where reading starts; the seq to read after."""
+    row = conn.execute(
+        sql.SQL("SELECT min(seq) FROM {}.event WHERE stream = %s").format(sql.Identifier(schema)),
+        (stream,),
+    ).fetchone()
+    first = int(row[0]) if row is not None and row[0] is not None else 1
+    if since is not None and since.last_seq >= first - 1:
+        verifier.start_after(since)
+        return since.last_seq
+    if first == 1:
+        return 0
+    try:
+        start = purge_record_ending_at(conn, schema, stream, first - 1)
+    except ValueError as exc:
+        raise TrailProblem(first, str(exc)) from None
+    if start is None:
+        raise TrailProblem(
+            1, f"events 1-{first - 1} are missing and no purge record accounts for them"
+        )
+    verifier.start_after_purge(start)
+    return start.last_seq
 
 
 # One JSON array per event, rendered by the server: one parse per event instead of a row of

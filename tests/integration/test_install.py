@@ -132,7 +132,8 @@ def test_upgrade_from_an_older_schema_keeps_recorded_events(
 
     text = plan_text(db, policy)
     assert "migration 0002 event_indexes" in text
-    assert "CREATE TABLE" not in text
+    # Later migrations add tables of their own; the trail's are never made again.
+    assert "CREATE TABLE cdc_audit.event " not in text
     apply(db, policy)
     assert db.scalar("SELECT max(version) FROM cdc_audit.schema_migration") == LATEST_MIGRATION
     assert db.scalar("SELECT count(*) FROM pg_indexes WHERE indexname = 'event_actor_time'") == 1

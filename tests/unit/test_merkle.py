@@ -438,3 +438,23 @@ def test_builder_streams_in_logarithmic_memory(monkeypatch: pytest.MonkeyPatch) 
     assert peak <= BIG.bit_length()
     assert len(builder._stack) == bin(BIG).count("1")
     assert builder.root() == merkle_root(list(_leaves(BIG)))
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3, 5, 8, 13])
+def test_a_resumed_builder_gives_the_same_root_as_one_that_saw_every_leaf(split: int) -> None:
+    leaves = [hashlib.sha256(bytes([n])).digest() for n in range(13)]
+    whole = MerkleBuilder()
+    whole.extend(leaves)
+    first = MerkleBuilder()
+    first.extend(leaves[:split])
+    resumed = MerkleBuilder.resume(split, first.frontier())
+    resumed.extend(leaves[split:])
+    assert resumed.root() == whole.root() == merkle_root(leaves)
+    assert resumed.size == 13
+
+
+def test_a_frontier_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match="a frontier of 3 leaves has 2 roots, not 1"):
+        MerkleBuilder.resume(3, [bytes(32)])
+    with pytest.raises(ValueError, match="32-byte"):
+        MerkleBuilder.resume(1, [b"short"])
