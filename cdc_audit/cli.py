@@ -113,6 +113,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         drain=args.drain,
         batch_messages=settings.batch_messages,
         heartbeat_seconds=settings.heartbeat_seconds,
+        jobs_every_seconds=settings.jobs_every_seconds,
     )
     logs.configure()
     # The worker allocates many short-lived, acyclic objects per event: collecting cycles
@@ -162,7 +163,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         schema = _schema(args, settings)
         with connect(_dsn(args, settings)) as conn:
             verdicts = trail_commands.verify_database(
-                conn, schema, args.stream, args.anchor, progress=_say
+                conn, schema, args.stream, args.anchor, progress=_say, since_last=args.since_last
             )
     for verdict in verdicts:
         print(verdict.describe())
@@ -317,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--schema", help="audit schema (default: the policy's, or cdc_audit)")
     verify.add_argument("--stream", help="verify only this stream")
     verify.add_argument("--anchor", metavar="DIR", help="anchor directory (default: the policy's)")
+    verify.add_argument(
+        "--since-last",
+        action="store_true",
+        help="start after the newest checkpoint a successful verification reached",
+    )
     verify.add_argument("--file", metavar="EXPORT", help="verify an export, with no database")
     verify.add_argument("--proof", metavar="PROOF", help="verify an inclusion proof (offline)")
     verify.add_argument(

@@ -18,5 +18,7 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     batch_messages: int = Field(5000, gt=0)
     """Replication messages the worker reads before writing a batch (bounds its memory)."""
+    jobs_every_seconds: float | None = Field(None, gt=0)
+    """Run every scheduled job at this interval instead of its cron schedule (trying out)."""
     heartbeat_seconds: float = Field(10.0, gt=0)
     """Idle time after which the worker commits a marker so the slot keeps advancing."""

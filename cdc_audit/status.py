@@ -10,11 +10,15 @@ from psycopg.rows import TupleRow
 
 from . import catalog
 from .catalog import Installed
+from .drift import latest_drift
 from .names import InstallNames
 from .predicate import TableName
+from .trail_commands import latest_verdicts
 
 # Migration that gave the progress row its commit time and worker columns.
 _PROGRESS_WITH_TIMES = 3
+_VERIFICATIONS = 5
+_DRIFT_CHECKS = 7
 
 
 def collect(conn: psycopg.Connection[TupleRow], names: InstallNames) -> dict[str, Any]:
@@ -37,7 +41,23 @@ def collect(conn: psycopg.Connection[TupleRow], names: InstallNames) -> dict[str
         "publication": names.publication if installed.publication_exists else None,
         "ddl_capture": bool(installed.event_triggers),
         "emit_message_locked": not installed.emit_message_public,
+        "verification": _verification(conn, installed),
+        "drift": _drift(conn, installed),
     }
+
+
+def _verification(conn: psycopg.Connection[TupleRow], installed: Installed) -> list[dict[str, Any]]:
+    """Each stream's newest recorded verification (from verify or the scheduled job)."""
+    if installed.migration_version < _VERIFICATIONS:
+        return []
+    return latest_verdicts(conn, installed.names.schema)
+
+
+def _drift(conn: psycopg.Connection[TupleRow], installed: Installed) -> dict[str, Any] | None:
+    """The newest drift check (from the drift command or the scheduled job)."""
+    if installed.migration_version < _DRIFT_CHECKS:
+        return None
+    return latest_drift(conn, installed.names.schema)
 
 
 def _worker(conn: psycopg.Connection[TupleRow], installed: Installed) -> dict[str, Any] | None:
@@ -119,4 +139,23 @@ def render_text(report: dict[str, Any]) -> str:
             f"{worker['lag_seconds']} s behind commit at its last batch, "
             f"{worker['seconds_since_last_batch']} s ago (by {worker['last_worker']})"
         )
+    for verdict in report.get("verification") or []:
+        outcome = (
+            "ok"
+            if verdict["ok"]
+            else f"FAILED at seq {verdict['first_bad_seq']}: {verdict['problem']}"
+        )
+        lines.append(
+            f"verified     stream {verdict['stream']} seq {verdict['first_seq']}-"
+            f"{verdict['last_seq']} at {verdict['verified_at']}: {outcome}"
+        )
+    drift = report.get("drift")
+    if drift is not None:
+        findings = drift.get("findings") or []
+        lines.append(
+            f"drift        {len(findings)} finding(s) at {drift.get('checked_at')}"
+            if findings
+            else f"drift        none at {drift.get('checked_at')}"
+        )
+        lines.extend(f"             - {finding}" for finding in findings)
     return "\n".join(lines) + "\n"

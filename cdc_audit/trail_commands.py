@@ -99,6 +99,7 @@ def verify_database(
     stream: str | None,
     anchor_dir: str | None,
     progress: Callable[[str], None],
+    since_last: bool = False,
 ) -> list[StreamVerdict]:
     """Verify every stream (or one) against the registered keys and the anchor."""
     _require_installed(conn, schema)
@@ -116,8 +117,79 @@ def verify_database(
             rate = done / max(time.monotonic() - started, 1e-9)
             progress(f"verifying stream {name}: {done} events ({rate:,.0f}/s)")
 
-        verdicts.append(verify_stream(conn, schema, name, registered, anchor, report))
-    return _check_erasures(conn, schema, verdicts)
+        since = last_verified_checkpoint(conn, schema, name) if since_last else None
+        verdict = verify_stream(conn, schema, name, registered, anchor, report, since)
+        verdicts.append(verdict)
+    verdicts = _check_erasures(conn, schema, verdicts)
+    for verdict in verdicts:
+        record_verdict(conn, schema, verdict, progress)
+    return verdicts
+
+
+def last_verified_checkpoint(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str
+) -> Checkpoint | None:
+    """The newest checkpoint a successful verification of `stream` reached (None: none)."""
+    ident = sql.Identifier(schema)
+    row = conn.execute(
+        sql.SQL(
+            "SELECT c.statement::text, c.signature FROM {0}.verification v"
+            " JOIN {0}.checkpoint c ON c.stream = v.stream AND c.last_seq = v.signed_up_to"
+            " WHERE v.stream = %s AND v.ok ORDER BY v.id DESC LIMIT 1"
+        ).format(ident),
+        (stream,),
+    ).fetchone()
+    conn.commit()
+    if row is None:
+        return None
+    return Checkpoint.from_row(row[0], bytes(row[1]), f"{schema}.checkpoint")
+
+
+def record_verdict(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    verdict: StreamVerdict,
+    say: Callable[[str], None],
+) -> None:
+    """Keep the verdict (time, range, outcome) for `status` and the next `--since-last`."""
+    try:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.verification (stream, first_seq, last_seq, checked, ok,"
+                " first_bad_seq, problem, signed_up_to, anchored_up_to)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            ).format(sql.Identifier(schema)),
+            (
+                verdict.stream,
+                verdict.last_seq - verdict.checked + 1,
+                verdict.last_seq,
+                verdict.checked,
+                verdict.ok,
+                verdict.first_bad_seq,
+                verdict.problem,
+                verdict.signed_up_to,
+                verdict.anchored_up_to,
+            ),
+        )
+        conn.commit()
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable) as exc:
+        conn.rollback()
+        say(
+            f"cdc-audit: the verdict of stream {verdict.stream} was not recorded: {exc.diag.message_primary}"
+        )
+
+
+def latest_verdicts(conn: psycopg.Connection[TupleRow], schema: str) -> list[dict[str, object]]:
+    """Each stream's newest recorded verification (for status and metrics)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT ON (stream) stream, verified_at, first_seq, last_seq, ok,"
+            " first_bad_seq, problem FROM {}.verification ORDER BY stream, id DESC"
+        ).format(sql.Identifier(schema))
+    ).fetchall()
+    conn.commit()
+    names = ("stream", "verified_at", "first_seq", "last_seq", "ok", "first_bad_seq", "problem")
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def _check_erasures(

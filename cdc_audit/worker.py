@@ -46,6 +46,8 @@ from cdc_audit.checkpointer import Checkpointer
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.db import connect, database_error
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
+from cdc_audit.job_context import JobContext
+from cdc_audit.jobs import JobScheduler
 from cdc_audit.keys import SigningKey
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import Begin, Commit, LogicalMessage, format_lsn, pg_timestamp_to_datetime
@@ -80,6 +82,8 @@ class WorkerOptions:
     """Commit a marker when the server's WAL moved but nothing was confirmed for this long."""
     status_interval: float = 10.0
     standby_poll: float = 1.0
+    jobs_every_seconds: float | None = None
+    """Run every scheduled job at this interval instead of its cron schedule."""
     log_interval: float = 10.0
 
 
@@ -101,6 +105,7 @@ class Worker:
         self.stop = stop if stop is not None else threading.Event()
         self.sealed: Counter[str] = Counter()
         self._failpoints = _Failpoints.from_environment()
+        self.jobs: JobScheduler | None = None
 
     def run(self) -> int:
         """Exit code 0 when stopped or drained; raises CdcAuditError on a fatal problem."""
@@ -166,10 +171,30 @@ class Worker:
                 policy_version=policy_id,
                 drain_target=_lsn_or_none(target),
             )
+            jobs = None if self.options.drain else self._start_jobs(loaded.policy)
             try:
                 _Session(self, writer, stream, progress, policy_id, loaded.policy, target).run()
             finally:
                 stream.close()
+                if jobs is not None:
+                    jobs.shutdown()
+
+    def _start_jobs(self, policy: Policy) -> JobScheduler | None:
+        """The policy's scheduled jobs, run while this worker is the active one."""
+        context = JobContext(
+            dsn=self.dsn,
+            policy=policy,
+            signing_key=self.signing_key,
+            redaction_key=self.redaction_key,
+            progress=lambda line: _log(logging.INFO, "job progress", detail=line),
+        )
+        jobs = JobScheduler(context, policy.jobs, every_seconds=self.options.jobs_every_seconds)
+        if not jobs.scheduled:
+            return None
+        jobs.start()
+        self.jobs = jobs
+        _log(logging.INFO, "jobs scheduled", jobs=jobs.scheduled)
+        return jobs
 
     def _require_signing_key(
         self, conn: psycopg.Connection[TupleRow], names: InstallNames, policy: Policy
