@@ -41,7 +41,7 @@ import calendar
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 import psycopg
@@ -54,10 +54,8 @@ from .db import connect
 from .errors import CdcAuditError
 from .job_context import JobContext
 from .merkle import MerkleBuilder
-from .pgoutput import parse_lsn
 from .policy import Duration, Policy
 from .purge_record import purge_record_ending_at
-from .trail import install_names, slot_confirmed
 from .verify import stored_checkpoints
 
 __all__ = [
@@ -70,7 +68,7 @@ __all__ = [
     "purge_job",
 ]
 
-_POLL = 0.2
+_POLL = 0.05
 RECORD_VERSION = 1
 
 
@@ -115,6 +113,8 @@ class PurgeResult:
     plans: list[LeafPlan]
     dropped: list[str]
     events: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Time spent recording (until the worker sealed and signed the records) and dropping."""
 
 
 def cutoff(now: datetime, retention: Duration) -> datetime:
@@ -186,7 +186,9 @@ def _decide(
         cutoffs.append(cutoff(now, settings.retention))
     leaf.cutoff = min(cutoffs)
     if leaf.range_to > leaf.cutoff:
-        leaf.reason = f"its month ends after {leaf.cutoff:%Y-%m-%d %H:%M} (retention)"
+        leaf.reason = (
+            f"within the retention (only months ending by {leaf.cutoff:%Y-%m-%d %H:%M} go)"
+        )
         return
     for part in leaf.parts:
         oldest = first_left.get(part.stream)
@@ -297,21 +299,28 @@ def purge(
 ) -> PurgeResult:
     """Plan, and unless `dry_run`, record and drop every partition that may go."""
     plans = plan_purge(conn, schema, policy, now)
-    dropped: list[str] = []
-    events = 0
+    result = PurgeResult(plans, [], 0, {"record": 0.0, "drop": 0.0})
     if dry_run:
-        return PurgeResult(plans, dropped, events)
+        return result
+    events = 0
     for leaf in plans:
         if not leaf.drop:
             continue
-        events += _drop(conn, schema, leaf, timeout)
-        dropped.append(leaf.name)
+        events += _drop(conn, schema, leaf, timeout, result.seconds)
+        result.dropped.append(leaf.name)
         progress(leaf.describe())
-    return PurgeResult(plans, dropped, events)
+    return replace(result, events=events)
 
 
-def _drop(conn: psycopg.Connection[TupleRow], schema: str, leaf: LeafPlan, timeout: float) -> int:
+def _drop(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    leaf: LeafPlan,
+    timeout: float,
+    seconds: dict[str, float],
+) -> int:
     ident = sql.Identifier(schema)
+    started = time.perf_counter()
     ids = {}
     for record in leaf.records:
         purge_id = str(uuid.uuid4())
@@ -322,11 +331,12 @@ def _drop(conn: psycopg.Connection[TupleRow], schema: str, leaf: LeafPlan, timeo
             (_json({**record, "stream": stream, "purge_id": purge_id}),),
         )
     conn.commit()
-    if ids:
-        _wait_sealed(conn, schema, timeout)
-    for purge_id, (stream, _) in ids.items():
-        _require_signed(conn, schema, stream, purge_id)
+    _wait_recorded(
+        conn, schema, {purge_id: stream for purge_id, (stream, _) in ids.items()}, timeout
+    )
     assert leaf.cutoff is not None
+    recorded = time.perf_counter()
+    seconds["record"] += recorded - started
     row = conn.execute(
         sql.SQL("SELECT {}.drop_event_partition(%s, %s)").format(ident), (leaf.name, leaf.cutoff)
     ).fetchone()
@@ -350,27 +360,12 @@ def _drop(conn: psycopg.Connection[TupleRow], schema: str, leaf: LeafPlan, timeo
             ),
         )
     conn.commit()
+    seconds["drop"] += time.perf_counter() - recorded
     return int(row[0]) if row is not None and row[0] is not None else 0
 
 
 def _json(value: dict[str, JsonValue]) -> str:
     return canonical_bytes(value).decode()
-
-
-def _wait_sealed(conn: psycopg.Connection[TupleRow], schema: str, timeout: float) -> None:
-    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    conn.commit()
-    assert row is not None
-    written = parse_lsn(row[0])
-    slot = install_names(conn, schema).slot
-    deadline = time.monotonic() + timeout
-    while slot_confirmed(conn, slot) < written:
-        if time.monotonic() > deadline:
-            raise CdcAuditError(
-                f"the worker did not seal the purge record within {timeout:g} s; nothing was"
-                " dropped (is `cdc-audit worker` running?)"
-            )
-        time.sleep(_POLL)
 
 
 def _purge_event_id(
@@ -386,27 +381,46 @@ def _purge_event_id(
     return None if row is None else row[0]
 
 
-def _require_signed(
-    conn: psycopg.Connection[TupleRow], schema: str, stream: str, purge_id: str
+def _wait_recorded(
+    conn: psycopg.Connection[TupleRow], schema: str, ids: dict[str, str], timeout: float
 ) -> None:
-    ident = sql.Identifier(schema)
+    """Wait until the worker has sealed every purge record (purge id -> stream) and signed
+    it; nothing may be dropped before, since only the signed chain makes the record count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [_record_state(conn, schema, stream, purge_id) for purge_id, stream in ids.items()]
+        if all(state == "signed" for state in states):
+            return
+        if time.monotonic() > deadline:
+            stream = next(iter(ids.values()))
+            if "missing" in states:
+                raise CdcAuditError(
+                    f"the worker did not seal the purge record of stream {stream} within"
+                    f" {timeout:g} s; nothing was dropped (is `cdc-audit worker` running?)"
+                )
+            raise CdcAuditError(
+                f"the purge record of stream {stream} is sealed but not signed: is the worker"
+                " running with CDC_AUDIT_SIGNING_KEY_FILE? nothing was dropped"
+            )
+        time.sleep(_POLL)
+
+
+def _record_state(
+    conn: psycopg.Connection[TupleRow], schema: str, stream: str, purge_id: str
+) -> str:
     row = conn.execute(
         sql.SQL(
-            "SELECT e.seq, EXISTS (SELECT 1 FROM {0}.checkpoint c"
+            "SELECT EXISTS (SELECT 1 FROM {0}.checkpoint c"
             " WHERE c.stream = e.stream AND c.last_seq >= e.seq)"
             " FROM {0}.event e WHERE e.stream = %s AND e.kind = 'purge'"
             " AND e.new ->> 'purge_id' = %s"
-        ).format(ident),
+        ).format(sql.Identifier(schema)),
         (stream, purge_id),
     ).fetchone()
     conn.commit()
     if row is None:
-        raise CdcAuditError(f"the purge record of stream {stream} was not sealed; nothing dropped")
-    if not row[1]:
-        raise CdcAuditError(
-            f"the purge record of stream {stream} (seq {row[0]}) is sealed but not signed:"
-            " is the worker running with CDC_AUDIT_SIGNING_KEY_FILE? nothing was dropped"
-        )
+        return "missing"
+    return "signed" if row[0] else "unsigned"
 
 
 def purge_job(context: JobContext) -> str:
