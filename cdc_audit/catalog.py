@@ -296,7 +296,10 @@ def read_tables(
     installed.trigger_oids = frozenset(
         row[0]
         for row in conn.execute(
-            "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s AND tgrelid = ANY(%s::oid[])",
+            # A disabled (D) or replica-only (R) trigger never fires for applications: apply
+            # creates it again, enabled.
+            "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s"
+            " AND tgrelid = ANY(%s::oid[]) AND tgenabled IN ('O', 'A')",
             (installed.names.context_trigger, oids),
         )
     )

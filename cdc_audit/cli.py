@@ -27,7 +27,15 @@ from . import (
     trail_commands,
 )
 from .canonical import canonical_bytes
-from .cli_common import Handler, dsn_of, policy_of, say, schema_of, signing_key_of
+from .cli_common import (
+    Handler,
+    dsn_of,
+    policy_of,
+    redaction_key_of,
+    say,
+    schema_of,
+    signing_key_of,
+)
 from .db import connect, database_error
 from .errors import CdcAuditError, DatabaseError, IntegrityError, InvalidInput
 from .names import InstallNames
@@ -48,6 +56,7 @@ _policy = policy_of
 _dsn = dsn_of
 _schema = schema_of
 _signing_key = signing_key_of
+_redaction_key = redaction_key_of
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
@@ -193,24 +202,6 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         )
     _say(f"exported {count} event(s) of stream {args.stream} (seq {first}-{last}) to {args.output}")
     return 0
-
-
-def _redaction_key(settings: Settings) -> bytes | None:
-    path = settings.redaction_key_file
-    if path is None:
-        return None
-    try:
-        key = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise InvalidInput(
-            f"CDC_AUDIT_REDACTION_KEY_FILE: cannot read {path}: {exc.strerror}"
-        ) from None
-    if len(key) < 16:
-        raise InvalidInput(
-            f"CDC_AUDIT_REDACTION_KEY_FILE: {path} holds {len(key)} bytes; use at least 16"
-            " random bytes (for instance: head -c 32 /dev/urandom | base64)"
-        )
-    return key
 
 
 def cmd_keygen(args: argparse.Namespace, settings: Settings) -> int:

@@ -63,3 +63,22 @@ def require_signing_key(settings: Settings, what: str) -> keys.SigningKey:
             f"{what} is signed: set CDC_AUDIT_SIGNING_KEY_FILE to the worker's private key"
         )
     return key
+
+
+def redaction_key_of(settings: Settings) -> bytes | None:
+    """The secret of `hash` redaction, read as the worker reads it (None when not set)."""
+    path = settings.redaction_key_file
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise InvalidInput(
+            f"CDC_AUDIT_REDACTION_KEY_FILE: cannot read {path}: {exc.strerror}"
+        ) from None
+    if len(key) < 16:
+        raise InvalidInput(
+            f"CDC_AUDIT_REDACTION_KEY_FILE: {path} holds {len(key)} bytes; use at least 16"
+            " random bytes (for instance: head -c 32 /dev/urandom | base64)"
+        )
+    return key

@@ -200,6 +200,15 @@ def _decide(
                 " purging this partition would leave a hole"
             )
             return
+        if part.count != part.last_seq - part.first_seq + 1:
+            # Commit times are not strictly in commit order: at a month boundary, a
+            # transaction may carry a time in the month after the one that follows it.
+            leaf.reason = (
+                f"stream {part.stream}'s events in it are not one unbroken range of seq"
+                f" ({part.count} events in {part.first_seq}-{part.last_seq}): dropping it"
+                " alone would leave a hole"
+            )
+            return
         record = _record(conn, schema, leaf, part)
         if isinstance(record, str):
             leaf.reason = record

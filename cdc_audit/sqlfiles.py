@@ -65,4 +65,7 @@ RUNTIME_FILES = (
     "runtime/worker.sql",
     "runtime/erasure.sql",
     "runtime/grants.sql",
+    "runtime/snapshots.sql",
+    "runtime/privileges.sql",
+    "runtime/retention.sql",
 )

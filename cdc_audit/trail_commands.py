@@ -174,9 +174,8 @@ def record_verdict(
         conn.commit()
     except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable) as exc:
         conn.rollback()
-        say(
-            f"cdc-audit: the verdict of stream {verdict.stream} was not recorded: {exc.diag.message_primary}"
-        )
+        why = exc.diag.message_primary
+        say(f"cdc-audit: the verdict of stream {verdict.stream} was not recorded: {why}")
 
 
 def latest_verdicts(conn: psycopg.Connection[TupleRow], schema: str) -> list[dict[str, object]]:

@@ -6,5 +6,7 @@ DROP FUNCTION IF EXISTS {schema}.log_event(text, text, text, jsonb, boolean);
 DROP FUNCTION IF EXISTS {schema}.clear_context();
 DROP FUNCTION IF EXISTS {schema}.set_context(text, text, text, text, text, text, text, jsonb);
 DROP FUNCTION IF EXISTS {schema}.current_context();
+DROP FUNCTION IF EXISTS {schema}.record_privilege_change(jsonb);
+DROP FUNCTION IF EXISTS {schema}.record_purge(jsonb);
 DROP FUNCTION IF EXISTS {schema}.database_facts();
 DELETE FROM {schema}.install_setting WHERE key = 'runtime_sha256';

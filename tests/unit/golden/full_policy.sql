@@ -26,9 +26,16 @@ CREATE SCHEMA "cdc_audit" AUTHORIZATION "cdc_audit_owner";
 
 -- audit schema migration 0004 erasure
 
+-- audit schema migration 0005 retention
+
+-- audit schema migration 0006 snapshots
+
+-- audit schema migration 0007 privileges
+
 -- context, application event and DDL capture functions; privileges
 
--- monthly partitions of the trail, from last month to three months ahead
+-- monthly partitions of the trail, by stream, from last month to three months ahead
+INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('streams', 'admin,user') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT "cdc_audit".ensure_event_partitions(3);
 
 -- only the audit owner may emit logical messages (PUBLIC may by default)
@@ -119,7 +126,7 @@ tables:
     old_values: key
 ddl: {stream: admin}
 app_events: {stream: user}
-', 4, '0.1.0');
+', 7, '0.1.0');
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('slot_name', 'cdc_audit_shop') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT pg_logical_emit_message(true, 'cdc_audit.policy', (SELECT max(id)::text FROM "cdc_audit".policy_version));
 
