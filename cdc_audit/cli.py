@@ -22,6 +22,7 @@ from . import (
     job_commands,
     keys,
     logs,
+    query_commands,
     snapshot_commands,
     status,
     trail_commands,
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_commands.add_commands(command)
     snapshot_commands.add_commands(command)
     drift_commands.add_commands(command)
+    query_commands.add_commands(command)
     # `keys` always has an action (required), whose handler replaces this one.
     _keys_commands(command("keys", cmd_keys_list, "register, list and retire signing keys"))
     return parser

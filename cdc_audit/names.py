@@ -63,6 +63,7 @@ class InstallNames:
             "schema": sql.Identifier(self.schema),
             "schema_name": sql.Literal(self.schema),
             "owner_name": sql.Literal(self.role("owner")),
+            "auditor_name": sql.Literal(self.role("auditor")),
             "guc_ctx": sql.Literal(self.setting("ctx")),
             "guc_gen": sql.Literal(self.setting("generation")),
             "guc_emitted": sql.Literal(self.setting("emitted_")),

@@ -238,6 +238,7 @@ def build_apply_plan(
     builder = PlanBuilder(installed.names, policy.app_events.stream if policy.app_events else None)
     migrated = _plan_foundation(builder, installed, target_migration)
     _plan_runtime(builder, installed, ",".join(sorted(policy.streams)))
+    _plan_reader_streams(builder, installed, policy)
     _plan_publication(builder, installed)
     plan_released_tables(builder, installed, {t.key for t in targets})
     for target in targets:
@@ -315,6 +316,22 @@ def _plan_migrations(builder: PlanBuilder, installed: Installed, target: int | N
             *builder.as_owner(builder.template(migration.relative), record),
         )
     return bool(pending)
+
+
+def _plan_reader_streams(builder: PlanBuilder, installed: Installed, policy: Policy) -> None:
+    """Record which streams the reader role may see (the curated views read it)."""
+    readable = ",".join(sorted(name for name, s in policy.streams.items() if s.readers))
+    if installed.settings.get("reader_streams") == readable:
+        return
+    builder.add(
+        "reader_streams",
+        installed.names.schema,
+        f"the reader role sees stream(s): {readable.replace(',', ', ') or 'none'}",
+        sql.SQL(
+            "INSERT INTO {}.install_setting (key, value) VALUES ('reader_streams', {}) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        ).format(sql.Identifier(installed.names.schema), sql.Literal(readable)),
+    )
 
 
 def _plan_runtime(builder: PlanBuilder, installed: Installed, streams: str) -> None:

@@ -370,6 +370,8 @@ class StreamPolicy(_Model):
 
     retention: Duration | None = None
     sign: Literal["checkpoint", "every_row"] = "checkpoint"
+    readers: bool = Field(False, strict=True)
+    """Whether the reader role sees this stream (through the curated views); auditors see all."""
     require: list[ContextField] | None = None
     on_missing: OnMissing | None = None
 
@@ -447,6 +449,8 @@ class Policy(_Model):
     tables: list[TablePolicy] = Field(default_factory=list)
     ddl: StreamRef | None = None
     app_events: StreamRef | None = None
+    read_audit: StreamRef | None = None
+    """Record every read through cdc-audit's query functions as an app event in this stream."""
     checkpoints: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     jobs: JobsPolicy = Field(default_factory=JobsPolicy)
 
@@ -491,7 +495,9 @@ class Policy(_Model):
         return list(require), on_missing
 
 
-_DEFAULTED = frozenset({"context", "tables", "checkpoints", "jobs", "ddl", "app_events"})
+_DEFAULTED = frozenset(
+    {"context", "tables", "checkpoints", "jobs", "ddl", "app_events", "read_audit"}
+)
 
 
 # ------------------------------------------------------------------- cross-field rules
@@ -537,7 +543,7 @@ def _raw_facts(data: Mapping[str, Any], doc: YamlDocument) -> _Facts:
         for index, entry in entries
         if isinstance(entry, dict) and "stream" in entry
     ]
-    for section in ("ddl", "app_events"):
+    for section in ("ddl", "app_events", "read_audit"):
         ref = data.get(section)
         if isinstance(ref, dict) and "stream" in ref:
             refs.append(((section, "stream"), ref["stream"]))
@@ -579,6 +585,8 @@ def _model_facts(policy: Policy) -> _Facts:
         refs.append((("ddl", "stream"), policy.ddl.stream))
     if policy.app_events is not None:
         refs.append((("app_events", "stream"), policy.app_events.stream))
+    if policy.read_audit is not None:
+        refs.append((("read_audit", "stream"), policy.read_audit.stream))
     tables = [
         _TableFacts(i, t.line, t.table, set(t.exclude), [(c, c) for c in t.redact])
         for i, t in enumerate(policy.tables)
