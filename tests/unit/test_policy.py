@@ -513,7 +513,7 @@ def test_bad_durations(text: str, message: str) -> None:
             4,
             "retention",
             "unknown key 'retention'; valid keys: version, schema, slot, context, streams, "
-            "tables, ddl, app_events, checkpoints, jobs",
+            "tables, ddl, app_events, read_audit, checkpoints, jobs",
             id="unknown-top-level-key",
         ),
     ],
