@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify bench-snapshot golden clean
+.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify bench-snapshot bench-purge golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench-verify: venv postgres ## verify throughput online and offline, and its sca
 
 bench-snapshot: venv postgres ## snapshot digest speed on a 1M-row table against reading it (BENCH_ARGS=--quick)
 	$(PY) -m bench.snapshot_digest $(BENCH_ARGS)
+
+bench-purge: venv postgres ## retention purge of a 1M-event month against DELETE + VACUUM (BENCH_ARGS=--quick)
+	$(PY) -m bench.purge_month $(BENCH_ARGS)
 
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
 	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q

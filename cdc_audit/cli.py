@@ -39,6 +39,7 @@ from .cli_common import (
 )
 from .db import connect, database_error
 from .errors import CdcAuditError, DatabaseError, IntegrityError, InvalidInput
+from .metrics import serve_metrics
 from .names import InstallNames
 from .proof import make_proof, verify_proof
 from .settings import Settings
@@ -134,6 +135,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     restore = install_signal_handlers(stop)
     try:
         worker = Worker(dsn, options, _redaction_key(settings), stop, _signing_key(settings))
+        if settings.metrics_port is not None:
+            serve_metrics(worker, settings.metrics_port)
         return worker.run()
     finally:
         restore()

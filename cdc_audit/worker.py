@@ -106,6 +106,8 @@ class Worker:
         self.sealed: Counter[str] = Counter()
         self._failpoints = _Failpoints.from_environment()
         self.jobs: JobScheduler | None = None
+        self.active = False
+        """Whether this worker holds the slot now (for metrics)."""
 
     def run(self) -> int:
         """Exit code 0 when stopped or drained; raises CdcAuditError on a fatal problem."""
@@ -172,9 +174,11 @@ class Worker:
                 drain_target=_lsn_or_none(target),
             )
             jobs = None if self.options.drain else self._start_jobs(loaded.policy)
+            self.active = True
             try:
                 _Session(self, writer, stream, progress, policy_id, loaded.policy, target).run()
             finally:
+                self.active = False
                 stream.close()
                 if jobs is not None:
                     jobs.shutdown()

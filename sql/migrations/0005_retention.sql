@@ -35,6 +35,13 @@ CREATE TABLE {schema}.verification (
 );
 CREATE INDEX ON {schema}.verification (stream, verified_at DESC);
 
+-- Purge records are found by the last seq they dropped (verification starts there) and by
+-- the id a purge gave them: two tiny partial indexes, whatever the size of the trail.
+CREATE INDEX event_purge_last_seq ON {schema}.event (stream, (new ->> 'last_seq'))
+    WHERE kind = 'purge';
+CREATE INDEX event_purge_id ON {schema}.event (stream, (new ->> 'purge_id'))
+    WHERE kind = 'purge';
+
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON {schema}.purge_log
     FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change();
 CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON {schema}.purge_log

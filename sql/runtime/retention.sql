@@ -50,8 +50,8 @@ BEGIN
             INTO newest_seq, oldest_seq USING held;
         IF NOT EXISTS (SELECT 1 FROM {schema}.event e
                         WHERE e.stream = held AND e.kind = 'purge'
-                          AND e.new ->> 'partition' = leaf
-                          AND (e.new ->> 'last_seq')::bigint = newest_seq) THEN
+                          AND e.new ->> 'last_seq' = newest_seq::text
+                          AND e.new ->> 'partition' = leaf) THEN
             RAISE EXCEPTION 'cdc-audit: no sealed purge event records % of stream %',
                 leaf, held USING ERRCODE = '22023';
         END IF;

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from cdc_audit.ephemeral import free_port
 
 from .fix_policy import WritePolicy
 from .pg import Database, run_cli
@@ -121,3 +124,37 @@ def test_verify_since_last_starts_after_the_last_verified_checkpoint(
     report = json.loads(status.stdout)
     assert report["verification"][0]["ok"] is False
     assert report["verification"][0]["first_bad_seq"] == 10
+
+
+def test_the_worker_serves_its_metrics(installed: Database) -> None:
+    port = free_port()
+    env = _env(
+        installed,
+        CDC_AUDIT_METRICS_PORT=str(port),
+        CDC_AUDIT_JOBS_EVERY_SECONDS="0.5",
+        CDC_AUDIT_HEARTBEAT_SECONDS="0.5",
+    )
+    _write(installed, range(1, 4))
+    worker = RunningWorker(env)
+    try:
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                return str(page.read().decode())
+
+        def ready() -> bool:
+            try:
+                text = scrape()
+            except OSError:
+                return False
+            return 'cdc_audit_last_verify_ok{stream="user"} 1.0' in text
+
+        _wait_for(ready)
+        text = scrape()
+        assert 'cdc_audit_events_sealed_total{stream="user"} 3.0' in text
+        assert "cdc_audit_worker_active 1.0" in text
+        assert 'cdc_audit_job_runs_total{job="verify"}' in text
+        assert 'cdc_audit_last_verify_first_bad_seq{stream="user"} 0.0' in text
+    finally:
+        code, log = worker.stop()
+    assert code == 0, log
