@@ -29,8 +29,9 @@ from .db import connect
 from .errors import InvalidInput, NotInstalled
 from .job_context import JobContext
 from .names import InstallNames
-from .policy import LoadedPolicy, TablePolicy, parse_policy
+from .policy import LoadedPolicy, TablePolicy
 from .predicate import TableName
+from .trail import applied_policy
 
 JsonObject = dict[str, Any]
 
@@ -109,7 +110,8 @@ def check_drift(
             " run cdc-audit apply"
         )
     catalog.read_tables(conn, installed, set())
-    applied_id, applied = applied_policy(conn, schema)
+    found = applied_policy(conn, schema)
+    applied_id, applied = found if found is not None else (None, None)
     findings = [
         *_role_findings(installed),
         *_emit_findings(installed),
@@ -121,23 +123,6 @@ def check_drift(
     ]
     findings.extend(_policy_findings(conn, installed, applied, policy_file, findings))
     return DriftReport(schema, tuple(findings), applied_id)
-
-
-def applied_policy(
-    conn: Connection[TupleRow], schema: str
-) -> tuple[int | None, LoadedPolicy | None]:
-    """The last applied policy (its policy_version id and text), or (None, None)."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT id, policy_text, sha256 FROM {}.policy_version"
-            " WHERE action = 'apply' AND policy_text IS NOT NULL ORDER BY id DESC LIMIT 1"
-        ).format(sql.Identifier(schema))
-    ).fetchone()
-    if row is None:
-        return None, None
-    policy_id, text, sha = row
-    source = f"applied policy (version id {policy_id})"
-    return policy_id, LoadedPolicy(parse_policy(text, source), text, sha, source)
 
 
 def _role_findings(installed: Installed) -> list[Finding]:

@@ -88,7 +88,7 @@ from cdc_audit.pgoutput import Column, Relation, format_lsn, parse_lsn
 from cdc_audit.policy import OPERATIONS, Policy, TablePolicy
 from cdc_audit.predicate import TableName
 from cdc_audit.replication import SESSION_SETTINGS
-from cdc_audit.trail import TrailWriter, install_names, slot_confirmed
+from cdc_audit.trail import TrailWriter, applied_policy, install_names, slot_confirmed
 from cdc_audit.values import parse_json_exact, parse_json_fast
 
 __all__ = [
@@ -348,9 +348,12 @@ def _published_relation(conn: Connection, table: TableName) -> Relation:
 
 
 def _applied_policy(conn: Connection, schema: str, version_id: int | None) -> tuple[int, Policy]:
-    names = install_names(conn, schema)
-    policy_id, loaded = TrailWriter(conn, names).load_policy(version_id)
-    return policy_id, loaded.policy
+    install_names(conn, schema)  # NotInstalled, with its message, when there is nothing
+    found = applied_policy(conn, schema, version_id)
+    if found is None:
+        what = "no policy has been applied" if version_id is None else f"policy {version_id}"
+        raise NotInstalled(f"{what} in schema {schema}: run cdc-audit apply")
+    return found[0], found[1].policy
 
 
 def _table_policy(policy: Policy, table: TableName) -> TablePolicy | None:

@@ -176,6 +176,25 @@ def trail_streams(conn: psycopg.Connection[TupleRow], schema: str) -> list[str]:
     return [r[0] for r in rows]
 
 
+def applied_policy(
+    conn: psycopg.Connection[TupleRow], schema: str, version_id: int | None = None
+) -> tuple[int, LoadedPolicy] | None:
+    """The applied policy with this id (policy_version), or the latest; None when none."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT id, policy_text, sha256 FROM {}.policy_version"
+            " WHERE action = 'apply' AND policy_text IS NOT NULL"
+            " AND (%s::bigint IS NULL OR id = %s) ORDER BY id DESC LIMIT 1"
+        ).format(sql.Identifier(schema)),
+        (version_id, version_id),
+    ).fetchone()
+    if row is None:
+        return None
+    policy_id, text, digest = row
+    source = f"policy version {policy_id}"
+    return policy_id, LoadedPolicy(parse_policy(text, source), text, digest, source)
+
+
 def install_names(conn: psycopg.Connection[TupleRow], schema: str) -> InstallNames:
     """The names of the installation in `schema`, with the slot `apply` recorded."""
     row = conn.execute(
@@ -286,18 +305,12 @@ class TrailWriter:
 
     def load_policy(self, version_id: int | None) -> tuple[int, LoadedPolicy]:
         """The applied policy with this id, or the latest one when `version_id` is None."""
-        query = sql.SQL(
-            "SELECT id, policy_text, sha256 FROM {}.policy_version"
-            " WHERE action = 'apply' AND (%s::bigint IS NULL OR id = %s) ORDER BY id DESC LIMIT 1"
-        ).format(self._schema)
-        row = self.conn.execute(query, (version_id, version_id)).fetchone()
+        found = applied_policy(self.conn, self.names.schema, version_id)
         self.conn.commit()
-        if row is None:
+        if found is None:
             what = "no policy has been applied" if version_id is None else f"policy {version_id}"
             raise NotInstalled(f"{what} in schema {self.names.schema}: run cdc-audit apply")
-        policy_id, text, digest = row
-        source = f"policy version {policy_id}"
-        return policy_id, LoadedPolicy(parse_policy(text, source), text, digest, source)
+        return found
 
     def key_columns(self, schema: str, table: str) -> list[str] | None:
         """The primary key columns of a table, in key order; None without a primary key."""

@@ -20,9 +20,8 @@ from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.errors import CdcAuditError, InvalidInput
 from cdc_audit.export import ExportRange, export_stream, verify_export
 from cdc_audit.pgoutput import parse_lsn
-from cdc_audit.policy import parse_policy
 from cdc_audit.predicate import parse_table_name
-from cdc_audit.trail import install_names, slot_confirmed, trail_streams
+from cdc_audit.trail import applied_policy, install_names, slot_confirmed, trail_streams
 from cdc_audit.values import parse_json_exact
 from cdc_audit.verify import StreamVerdict, verify_stream
 
@@ -82,15 +81,8 @@ def _require_installed(conn: psycopg.Connection[TupleRow], schema: str) -> None:
 
 
 def _policy_anchor(conn: psycopg.Connection[TupleRow], schema: str) -> Path | None:
-    row = conn.execute(
-        sql.SQL(
-            "SELECT policy_text FROM {}.policy_version WHERE action = 'apply'"
-            " ORDER BY id DESC LIMIT 1"
-        ).format(sql.Identifier(schema))
-    ).fetchone()
-    if row is None:
-        return None
-    return parse_policy(row[0], "applied policy").checkpoints.anchor_dir
+    found = applied_policy(conn, schema)
+    return None if found is None else found[1].policy.checkpoints.anchor_dir
 
 
 def verify_database(
