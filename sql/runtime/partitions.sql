@@ -71,6 +71,11 @@ BEGIN
     END IF;
     IF (SELECT relkind FROM pg_class
          WHERE oid = to_regclass(format('%I.%I', {schema_name}, month_table))) = 'p' THEN
+        -- A purge may have dropped it; events of an unnamed stream must still land.
+        IF to_regclass(format('%I.%I', {schema_name}, month_table || '__default')) IS NULL THEN
+            PERFORM {schema}.add_event_leaf(month_table, month_table || '__default', NULL);
+            created := true;
+        END IF;
         FOREACH stream IN ARRAY {schema}.trail_stream_names() LOOP
             -- A stream whose events already went to the default partition (its own was
             -- purged, or it is new to a month already written) keeps using it.
