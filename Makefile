@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify bench-snapshot bench-purge golden clean
+.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify bench-snapshot bench-purge bench-read bench-context golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,6 +21,7 @@ venv: $(VENV)/.installed ## create .venv and install the package with its dev ex
 
 postgres: ## make sure PostgreSQL server binaries are present (apt install when root)
 	@bash scripts/ensure-postgres.sh
+	@bash scripts/ensure-pgbouncer.sh
 
 lint: venv ## ruff and mypy
 	$(VENV)/bin/ruff check cdc_audit tests bench
@@ -53,6 +54,12 @@ bench-snapshot: venv postgres ## snapshot digest speed on a 1M-row table against
 
 bench-purge: venv postgres ## retention purge of a 1M-event month against DELETE + VACUUM (BENCH_ARGS=--quick)
 	$(PY) -m bench.purge_month $(BENCH_ARGS)
+
+bench-read: venv postgres ## read latency of the common questions on a 10M-event trail (BENCH_ARGS=--quick)
+	$(PY) -m bench.read_latency $(BENCH_ARGS)
+
+bench-context: venv postgres ## added latency per transaction of setting the audit context, direct and via pgbouncer (BENCH_ARGS=--quick)
+	$(PY) -m bench.context_latency $(BENCH_ARGS)
 
 golden: venv ## regenerate golden SQL fixtures after a reviewed change
 	UPDATE_GOLDEN=1 $(VENV)/bin/pytest tests/unit/test_golden_plan.py -q

@@ -2,6 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .context import context, set_context
+from .app_events import alog_event, log_event
+from .context import acontext, aset_context, context, set_context
+from .query import AuditReader
 
-__all__ = ["__version__", "context", "set_context"]
+__all__ = [
+    "AuditReader",
+    "__version__",
+    "acontext",
+    "alog_event",
+    "aset_context",
+    "context",
+    "log_event",
+    "set_context",
+]

@@ -238,7 +238,7 @@ def build_apply_plan(
     builder = PlanBuilder(installed.names, policy.app_events.stream if policy.app_events else None)
     migrated = _plan_foundation(builder, installed, target_migration)
     _plan_runtime(builder, installed, ",".join(sorted(policy.streams)))
-    _plan_reader_streams(builder, installed, policy)
+    _plan_read_settings(builder, installed, policy)
     _plan_publication(builder, installed)
     plan_released_tables(builder, installed, {t.key for t in targets})
     for target in targets:
@@ -318,20 +318,39 @@ def _plan_migrations(builder: PlanBuilder, installed: Installed, target: int | N
     return bool(pending)
 
 
-def _plan_reader_streams(builder: PlanBuilder, installed: Installed, policy: Policy) -> None:
-    """Record which streams the reader role may see (the curated views read it)."""
+def _plan_read_settings(builder: PlanBuilder, installed: Installed, policy: Policy) -> None:
+    """Record what the read side needs from the policy (the curated views read them)."""
     readable = ",".join(sorted(name for name, s in policy.streams.items() if s.readers))
-    if installed.settings.get("reader_streams") == readable:
-        return
-    builder.add(
-        "reader_streams",
-        installed.names.schema,
-        f"the reader role sees stream(s): {readable.replace(',', ', ') or 'none'}",
-        sql.SQL(
-            "INSERT INTO {}.install_setting (key, value) VALUES ('reader_streams', {}) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-        ).format(sql.Identifier(installed.names.schema), sql.Literal(readable)),
-    )
+    wanted = {
+        "reader_streams": (
+            readable,
+            f"the reader role sees stream(s): {readable.replace(',', ', ') or 'none'}",
+        ),
+        "read_audit_stream": (
+            policy.read_audit.stream if policy.read_audit else "",
+            f"reads through the query functions are recorded in stream {policy.read_audit.stream}"
+            if policy.read_audit
+            else "reads are not recorded (no read_audit)",
+        ),
+        "admin_streams": (
+            policy.ddl.stream if policy.ddl else "",
+            f"admin_actions shows stream {policy.ddl.stream}"
+            if policy.ddl
+            else "admin_actions shows administrative kinds only (no ddl stream)",
+        ),
+    }
+    for key, (value, description) in wanted.items():
+        if installed.settings.get(key) == value:
+            continue
+        builder.add(
+            "read_setting",
+            key,
+            description,
+            sql.SQL(
+                "INSERT INTO {}.install_setting (key, value) VALUES ({}, {}) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            ).format(sql.Identifier(installed.names.schema), sql.Literal(key), sql.Literal(value)),
+        )
 
 
 def _plan_runtime(builder: PlanBuilder, installed: Installed, streams: str) -> None:

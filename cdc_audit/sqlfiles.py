@@ -68,4 +68,5 @@ RUNTIME_FILES = (
     "runtime/snapshots.sql",
     "runtime/privileges.sql",
     "runtime/retention.sql",
+    "runtime/read_audit.sql",
 )

@@ -34,6 +34,8 @@ CREATE SCHEMA "cdc_audit" AUTHORIZATION "cdc_audit_owner";
 
 -- audit schema migration 0008 visible_events
 
+-- audit schema migration 0009 read_side
+
 -- context, application event and DDL capture functions; privileges
 
 -- monthly partitions of the trail, by stream, from last month to three months ahead
@@ -59,6 +61,12 @@ $do$;
 
 -- the reader role sees stream(s): none
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('reader_streams', '') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- reads are not recorded (no read_audit)
+INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('read_audit_stream', '') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+
+-- admin_actions shows stream admin
+INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('admin_streams', 'admin') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 
 -- publication cdc_audit; partitioned tables publish through their root
 CREATE PUBLICATION "cdc_audit" WITH (publish_via_partition_root = true);
@@ -131,7 +139,7 @@ tables:
     old_values: key
 ddl: {stream: admin}
 app_events: {stream: user}
-', 8, '0.1.0');
+', 9, '0.1.0');
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('slot_name', 'cdc_audit_shop') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT pg_logical_emit_message(true, 'cdc_audit.policy', (SELECT max(id)::text FROM "cdc_audit".policy_version));
 
