@@ -187,7 +187,16 @@ class ReadBench:
 
         direct: list[tuple[str, Query]] = [
             (
-                "actor + 7-day window",
+                "actor + 7-day window, first 100 (a query page)",
+                (
+                    "SELECT stream, seq, event_id, commit_time, kind, table_name, row_key,"
+                    " old, new, actor_id FROM cdc_audit.event WHERE actor_id = %s"
+                    " AND commit_time >= %s AND commit_time < %s ORDER BY commit_time LIMIT 100",
+                    actor_window,
+                ),
+            ),
+            (
+                "actor + 7-day window, all of it",
                 (
                     "SELECT stream, seq, event_id, commit_time, kind, table_name, row_key,"
                     " old, new, actor_id FROM cdc_audit.event WHERE actor_id = %s"
