@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
             seconds = rb.load()
             size = rb.bench.one(
                 "SELECT pg_size_pretty(sum(pg_total_relation_size("
-                "format('cdc_audit.%I', leaf_name)::regclass))) FROM cdc_audit.event_leaves()"
+                "format('cdc_audit.%%I', leaf_name)::regclass))) FROM cdc_audit.event_leaves()"
             )
             say(f"loaded in {seconds:.0f} s ({args.events / seconds:,.0f} events/s)")
             leaves = rb.bench.one(
