@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test demo bench bench-verify bench-snapshot bench-purge bench-read bench-context golden clean
+.PHONY: help venv postgres lint typecheck unit integration test-reliability test demo bench bench-verify bench-snapshot bench-purge bench-read bench-context golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ unit: venv ## unit tests (no database)
 
 integration: venv postgres ## integration tests against a throwaway PostgreSQL
 	$(VENV)/bin/pytest tests/integration -q
+
+test-reliability: venv postgres ## faults, crashes, hostile input, concurrency (bounded; RELIABILITY=full for the fuller form)
+	CDC_AUDIT_RELIABILITY=$(or $(RELIABILITY),bounded) $(VENV)/bin/pytest tests/reliability -q
 
 test: venv postgres lint ## everything CI runs: lint, types, unit and integration tests
 	$(VENV)/bin/pytest -q

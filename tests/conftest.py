@@ -1,4 +1,5 @@
-"""One throwaway PostgreSQL per test session; a fresh database per test."""
+"""One throwaway PostgreSQL per test session (integration and reliability suites share it); a
+fresh database per test."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 
 from cdc_audit.ephemeral import EphemeralCluster
 
-from .fix_policy import write_policy  # noqa: F401  (fixture)
-from .pg import Database
+from .integration.fix_policy import write_policy  # noqa: F401  (fixture)
+from .integration.pg import Database
 
 _counter = itertools.count(1)
 
