@@ -22,3 +22,5 @@ class Settings(BaseSettings):
     """Run every scheduled job at this interval instead of its cron schedule (trying out)."""
     heartbeat_seconds: float = Field(10.0, gt=0)
     """Idle time after which the worker commits a marker so the slot keeps advancing."""
+    ready_max_lag_seconds: float = Field(60.0, ge=0)
+    """`/readyz` answers 503 while the worker's sealing lag is above this many seconds."""

@@ -46,6 +46,7 @@ from cdc_audit.checkpointer import Checkpointer
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.db import connect, database_error
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
+from cdc_audit.health import WorkerHealth
 from cdc_audit.job_context import JobContext
 from cdc_audit.jobs import JobScheduler
 from cdc_audit.keys import SigningKey
@@ -104,7 +105,12 @@ class Worker:
         self.signing_key = signing_key
         self.stop = stop if stop is not None else threading.Event()
         self.sealed: Counter[str] = Counter()
+        self.missing_context: Counter[str] = Counter()
+        """Events sealed flagged `context_missing`, per stream (for metrics)."""
+        self.health = WorkerHealth()
         self._failpoints = _Failpoints.from_environment()
+        self._progressed = False
+        """Whether the current session confirmed anything (a later failure is a new outage)."""
         self.jobs: JobScheduler | None = None
         self.active = False
         """Whether this worker holds the slot now (for metrics)."""
@@ -114,12 +120,17 @@ class Worker:
         backoff = 0.5
         failing_since: float | None = None
         while not self.stop.is_set():
+            self.health.beat()
+            self._progressed = False
             try:
                 self._session()
                 return 0
             except (ReplicationError, psycopg.OperationalError, DatabaseError) as exc:
                 if isinstance(exc, SlotLost):
                     raise
+                if self._progressed:
+                    # A session that made progress failed: a new outage, not more of the last.
+                    backoff, failing_since = 0.5, None
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if self.options.drain and now - failing_since > _DRAIN_GIVE_UP:
@@ -174,11 +185,13 @@ class Worker:
                 drain_target=_lsn_or_none(target),
             )
             jobs = None if self.options.drain else self._start_jobs(loaded.policy)
+            self.health.start(progress.last_commit_time)
             self.active = True
             try:
                 _Session(self, writer, stream, progress, policy_id, loaded.policy, target).run()
             finally:
                 self.active = False
+                self.health.stop()
                 stream.close()
                 if jobs is not None:
                     jobs.shutdown()
@@ -221,6 +234,7 @@ class Worker:
         """Become the slot's active worker; False when stopped, or drained by the active one."""
         waiting = False
         while True:
+            self.health.beat()
             row = conn.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
                 (f"cdc-audit worker {names.slot}",),
@@ -267,7 +281,13 @@ class Worker:
             )
             events.append(writer.chain(stream).seal(draft))
         if events:
-            writer.write(events, progress)
+            events, checkpoints = self._sign_gap(writer, policy, events)
+            writer.write(events, progress, checkpoints)
+            anchor_dir = policy.checkpoints.anchor_dir
+            if checkpoints and anchor_dir is not None:
+                anchor = DirectoryAnchor(anchor_dir, writer.names.database, writer.names.schema)
+                for checkpoint in checkpoints:
+                    anchor.write(checkpoint)
         _log(
             logging.ERROR,
             "replication slot lost: gap recorded",
@@ -275,6 +295,29 @@ class Worker:
             reason=reason,
             streams=[e.draft.stream for e in events],
         )
+
+    def _sign_gap(
+        self, writer: TrailWriter, policy: Policy, events: list[SealedEvent]
+    ) -> tuple[list[SealedEvent], list[Checkpoint]]:
+        """Gap events signed like any batch (a checkpoint per stream, and each event on
+        streams signed every row): unsigned, they would read as added by someone else."""
+        key = self.signing_key
+        if key is None:
+            return events, []
+        signer = Checkpointer(key, policy.checkpoints)
+        every_row = {name for name, st in policy.streams.items() if st.sign == "every_row"}
+        signed, checkpoints = [], []
+        for event in events:
+            stream = event.draft.stream
+            if stream in every_row:
+                event = replace(event, signature=key.sign(event.hash), key_id=key.key_id)
+            last = writer.checkpoints(stream)
+            last_seq = last[-1].last_seq if last else 0
+            signer.load(stream, last_seq, writer.hashes_after(stream, last_seq))
+            signer.add(stream, event.hash)
+            checkpoints.append(signer.make(writer.chain(stream)))
+            signed.append(event)
+        return signed, checkpoints
 
 
 class _Session:
@@ -336,6 +379,7 @@ class _Session:
         self.inflight: Future[None] | None = None
         self.inflight_progress = progress
         self.inflight_counts: Counter[str] = Counter()
+        self.inflight_missing: Counter[str] = Counter()
         self.inflight_checkpoints: list[Checkpoint] = []
         self.last_advance = time.monotonic()
         self.last_log = time.monotonic()
@@ -402,9 +446,11 @@ class _Session:
 
     def _loop(self) -> None:
         while True:
+            self.worker.health.beat()
             items = self.stream.read(
                 self.options.read_timeout, max_items=self.options.batch_messages
             )
+            self.worker.health.read(full=len(items) >= self.options.batch_messages)
             for item in items:
                 self._handle(item.message)
             self._checkpoints_due()
@@ -442,6 +488,9 @@ class _Session:
             partial = self.resume.partial_lsn == message.final_lsn
             self.txn_skip_below = self.resume.partial_done if partial else 0
             self.txn_next_ordinal = 0
+            if not self.txn_skip_all:
+                commit_time = pg_timestamp_to_datetime(message.commit_time)
+                self.worker.health.received(message.final_lsn, commit_time)
             self.assembler.feed(message)
             return
         if isinstance(message, Commit):
@@ -591,6 +640,7 @@ class _Session:
         checkpoints, self.batch_checkpoints = self.batch_checkpoints, []
         self.inflight_anchor, self.batch_anchor = self.batch_anchor, []
         self.inflight_counts = Counter(event.draft.stream for event in batch)
+        self.inflight_missing = Counter(e.draft.stream for e in batch if e.draft.context_missing)
         self.inflight_progress = progress
         self.inflight_checkpoints = checkpoints
         self.inflight = self.pool.submit(self._write, batch, progress, checkpoints)
@@ -611,6 +661,7 @@ class _Session:
         self.inflight = None
         inflight.result()  # a failed write ends the session
         self.worker.sealed.update(self.inflight_counts)
+        self.worker.missing_context.update(self.inflight_missing)
         # Anchored only once in the trail: an anchored checkpoint the trail lacks would be
         # indistinguishable from a truncated trail. A crash in between is caught up on start.
         for checkpoint in self.inflight_checkpoints:
@@ -639,6 +690,8 @@ class _Session:
         if lsn > self.stream.confirmed_lsn:
             self.stream.confirm(lsn)
             self.last_advance = time.monotonic()
+            self.worker.health.confirmed(lsn)
+            self.worker._progressed = True
 
     def _key_columns(self, schema: str, table: str) -> list[str] | None:
         self._settle(block=True)  # the connection is the writer's

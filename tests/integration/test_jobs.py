@@ -153,7 +153,7 @@ def test_the_worker_serves_its_metrics(installed: Database) -> None:
         text = scrape()
         assert 'cdc_audit_events_sealed_total{stream="user"} 3.0' in text
         assert "cdc_audit_worker_active 1.0" in text
-        assert 'cdc_audit_job_runs_total{job="verify"}' in text
+        assert 'cdc_audit_job_runs_total{job_name="verify"}' in text
         assert 'cdc_audit_last_verify_first_bad_seq{stream="user"} 0.0' in text
     finally:
         code, log = worker.stop()
