@@ -234,6 +234,14 @@ class ReadBench:
         ]
         curated: list[tuple[str, Query]] = [
             (
+                "actor + 7-day window, first 100 (audited_events page)",
+                (
+                    "SELECT stream, seq, event_id, commit_time, kind, table_name, row_key,"
+                    " old, new, actor_id FROM cdc_audit.audited_events(%s, %s, %s, 100)",
+                    lambda rnd: _reorder(actor_window(rnd)),
+                ),
+            ),
+            (
                 "actor + 7-day window (audited_events)",
                 (
                     "SELECT stream, seq, event_id, commit_time, kind, table_name, row_key,"
@@ -254,7 +262,11 @@ class ReadBench:
                 ("SELECT * FROM cdc_audit.recent_events LIMIT 100", nothing),
             ),
             (
-                "admin actions of a month, newest 100 (admin_actions)",
+                "admin actions of a month, newest 100 (audited_admin_actions)",
+                ("SELECT * FROM cdc_audit.audited_admin_actions(%s, %s, 100)", month),
+            ),
+            (
+                "admin actions of a month, newest 100 (admin_actions view)",
                 (
                     "SELECT * FROM cdc_audit.admin_actions WHERE commit_time >= %s"
                     " AND commit_time < %s ORDER BY commit_time DESC LIMIT 100",

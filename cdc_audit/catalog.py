@@ -68,6 +68,7 @@ class Installed:
     migration_checksums: dict[int, str] = field(default_factory=dict)
     settings: dict[str, str] = field(default_factory=dict)
     roles: frozenset[str] = frozenset()
+    bypass_rls_roles: frozenset[str] = frozenset()
     audited: dict[tuple[str, str], AuditedTable] = field(default_factory=dict)
     publication_exists: bool = False
     publication_tables: frozenset[tuple[str, str]] = frozenset()
@@ -96,12 +97,12 @@ def read_installed(
 ) -> Installed:
     """The installation in `names.schema`; with `recorded_slot`, the slot apply recorded."""
     installed = Installed(names=names, server_version=conn.info.server_version)
-    installed.roles = frozenset(
-        row[0]
-        for row in conn.execute(
-            "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(names.roles.values()),)
-        )
-    )
+    found = conn.execute(
+        "SELECT rolname, rolbypassrls FROM pg_roles WHERE rolname = ANY(%s)",
+        (list(names.roles.values()),),
+    ).fetchall()
+    installed.roles = frozenset(row[0] for row in found)
+    installed.bypass_rls_roles = frozenset(row[0] for row in found if row[1])
     installed.schema_exists = bool(
         _scalar(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (names.schema,))
     )

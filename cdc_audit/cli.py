@@ -17,6 +17,8 @@ from pydantic import ValidationError
 
 from . import (
     __version__,
+    approval_commands,
+    archive_commands,
     drift_commands,
     installer,
     job_commands,
@@ -136,7 +138,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         worker = Worker(dsn, options, _redaction_key(settings), stop, _signing_key(settings))
         if settings.metrics_port is not None:
-            serve_metrics(worker, settings.metrics_port)
+            serve_metrics(worker, settings.metrics_port, settings.ready_max_lag_seconds)
         return worker.run()
     finally:
         restore()
@@ -170,6 +172,8 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         proven = verify_proof(Path(args.proof), trail_commands.public_keys(args.public_key))
         print(proven.describe())
         return 0
+    if args.archive is not None:
+        return archive_commands.verify_archive(args, settings)
     if args.file is not None:
         verdicts = [trail_commands.verify_file(Path(args.file), args.public_key)]
     else:
@@ -321,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--file", metavar="EXPORT", help="verify an export, with no database")
     verify.add_argument("--proof", metavar="PROOF", help="verify an inclusion proof (offline)")
     verify.add_argument(
+        "--archive",
+        metavar="URI",
+        help="verify an archive: offline with --public-key, else with the trail as one chain",
+    )
+    verify.add_argument(
         "--public-key", action="append", default=[], metavar="KEY", help="public key file(s)"
     )
     prove = command("prove", cmd_prove, "an inclusion proof of one event, checkable offline")
@@ -343,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--until", metavar="TIME", help="ISO 8601 time (exclusive)")
     export.add_argument("--output", required=True, metavar="FILE", help="file, or - for stdout")
     job_commands.add_commands(command)
+    archive_commands.add_commands(command)
     snapshot_commands.add_commands(command)
     drift_commands.add_commands(command)
     query_commands.add_commands(command)
+    approval_commands.add_commands(command)
     # `keys` always has an action (required), whose handler replaces this one.
     _keys_commands(command("keys", cmd_keys_list, "register, list and retire signing keys"))
     return parser

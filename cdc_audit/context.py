@@ -30,6 +30,7 @@ CONTEXT_FIELDS = (
     "session_id",
     "client_ip",
     "trace_id",
+    "approval",
 )
 
 

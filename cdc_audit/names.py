@@ -43,6 +43,12 @@ class InstallNames:
         return f"{self.schema}_context"
 
     @property
+    def approval_trigger(self) -> str:
+        """Sorts before the context trigger: statement triggers fire in name order, and the
+        approval check puts the approval's id into the context the context trigger emits."""
+        return f"{self.schema}_approval"
+
+    @property
     def ddl_event_trigger(self) -> str:
         return f"{self.schema}_ddl"
 
@@ -64,6 +70,7 @@ class InstallNames:
             "schema_name": sql.Literal(self.schema),
             "owner_name": sql.Literal(self.role("owner")),
             "auditor_name": sql.Literal(self.role("auditor")),
+            "approval_trigger_name": sql.Literal(self.approval_trigger),
             "guc_ctx": sql.Literal(self.setting("ctx")),
             "guc_gen": sql.Literal(self.setting("generation")),
             "guc_emitted": sql.Literal(self.setting("emitted_")),

@@ -92,7 +92,7 @@ class TableTarget:
     @property
     def definition_sha256(self) -> str:
         """Everything that shapes the database objects of this table, hashed."""
-        definition = {
+        definition: dict[str, object] = {
             "stream": self.policy.stream,
             "operations": self.operations,
             "old_values": self.policy.old_values,
@@ -100,6 +100,8 @@ class TableTarget:
             "required": self.required,
             "on_missing": self.on_missing,
         }
+        if self.policy.require_approval:
+            definition["require_approval"] = True
         return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
 
     def wanted_identity(self, current: str) -> str:
@@ -261,12 +263,23 @@ def build_apply_plan(
 def _plan_foundation(builder: PlanBuilder, installed: Installed, target: int | None) -> bool:
     names = installed.names
     for suffix, role in names.roles.items():
+        # The worker appends by COPY as the writer, which row-level security would refuse.
+        bypass = suffix == "writer"
         if role not in installed.roles:
             builder.add(
                 "create_role",
                 role,
-                f"role {role} ({suffix})",
-                sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)),
+                f"role {role} ({suffix})" + (", bypassing row-level security" if bypass else ""),
+                sql.SQL("CREATE ROLE {} NOLOGIN" + (" BYPASSRLS" if bypass else "")).format(
+                    sql.Identifier(role)
+                ),
+            )
+        elif bypass and role not in installed.bypass_rls_roles:
+            builder.add(
+                "alter_role",
+                role,
+                f"role {role} bypasses row-level security (the worker appends by COPY)",
+                sql.SQL("ALTER ROLE {} BYPASSRLS").format(sql.Identifier(role)),
             )
     if not installed.schema_exists:
         builder.add(
@@ -412,6 +425,7 @@ def _plan_table(builder: PlanBuilder, installed: Installed, target: TableTarget)
     )
     statements: list[Statement] = [
         *_identity_statements(target),
+        *_approval_statements(builder, target, relations if changed else [], recorded is not None),
         *(_trigger_statement(builder, target, relation) for relation in needs_trigger),
         *_publication_statements(installed, target, changed),
     ]
@@ -455,6 +469,34 @@ def _trigger_statement(
         stream=sql.Literal(target.policy.stream),
         on_missing=sql.Literal(target.on_missing),
         required=sql.Literal(",".join(target.required)),
+    )
+
+
+def _approval_statements(
+    builder: PlanBuilder, target: TableTarget, relations: Iterable[Relation], was_audited: bool
+) -> list[Statement]:
+    """The approval check of a table that requires approval, or its removal when it no longer
+    does (nothing for a table audited for the first time without it)."""
+    names = builder.names
+    if not target.policy.require_approval:
+        return [_drop_approval_trigger(names, r) for r in relations] if was_audited else []
+    events = sql.SQL(" OR ").join(sql.SQL(op.upper()) for op in target.operations)
+    return [
+        builder.template(
+            "capture/approval_trigger.sql",
+            trigger=sql.Identifier(names.approval_trigger),
+            events=events,
+            table=relation.identifier(),
+            table_schema=sql.Literal(target.key[0]),
+            table_name=sql.Literal(target.key[1]),
+        )
+        for relation in relations
+    ]
+
+
+def _drop_approval_trigger(names: InstallNames, relation: Relation) -> Statement:
+    return sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+        sql.Identifier(names.approval_trigger), relation.identifier()
     )
 
 
@@ -519,6 +561,7 @@ def release_statements(
         )
         for relation in relations
     ]
+    statements.extend(_drop_approval_trigger(names, relation) for relation in relations)
     if key in installed.publication_tables:
         statements.append(
             sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(

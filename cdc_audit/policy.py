@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
 
+from cdc_audit.archive_store import parse_archive_uri
 from cdc_audit.errors import PolicyError, PolicyProblem
 from cdc_audit.policy_yaml import (
     YamlDocument,
@@ -53,6 +54,7 @@ from cdc_audit.predicate import (
 __all__ = [
     "CONTEXT_FIELDS",
     "OPERATIONS",
+    "ArchivePolicy",
     "CheckpointPolicy",
     "ContextField",
     "ContextPolicy",
@@ -70,7 +72,14 @@ __all__ = [
 
 Operation = Literal["insert", "update", "delete", "truncate"]
 ContextField = Literal[
-    "actor_id", "actor_role", "reason", "on_behalf_of", "session_id", "client_ip", "trace_id"
+    "actor_id",
+    "actor_role",
+    "reason",
+    "on_behalf_of",
+    "session_id",
+    "client_ip",
+    "trace_id",
+    "approval",
 ]
 OnMissing = Literal["record", "reject"]
 
@@ -305,6 +314,19 @@ def _anchor_dir_value(value: object) -> Path | None:
     return Path(value)
 
 
+def _archive_uri_value(value: object) -> str:
+    if not isinstance(value, str):
+        raise _refuse(
+            f"expected an archive location (file:///abs/path, a path or s3://bucket/prefix),"
+            f" got {_describe(value)}"
+        )
+    try:
+        parse_archive_uri(value)
+    except ValueError as error:
+        raise _refuse(str(error)) from None
+    return value
+
+
 def _when_value(value: object, info: ValidationInfo) -> Predicate | None:
     if value is None or isinstance(value, Predicate):
         return value
@@ -391,6 +413,8 @@ class TablePolicy(_Model):
     exclude: list[ColumnName] = Field(default_factory=list)
     redact: dict[ColumnName, Literal["hash", "mask"]] = Field(default_factory=dict)
     when: WhenField = None
+    require_approval: bool = Field(False, strict=True)
+    """A change is accepted only while its actor holds an unexpired approval (cdc-audit approve)."""
     line: Annotated[int | None, PlainValidator(_reject_from_file)] = Field(
         default=None, exclude=True
     )
@@ -426,10 +450,19 @@ class CheckpointPolicy(_Model):
     anchor_dir: Annotated[Path | None, PlainValidator(_anchor_dir_value)] = None
 
 
+class ArchivePolicy(_Model):
+    """Where sealed events are archived (before a purge, and by the archive job)."""
+
+    to: Annotated[str, PlainValidator(_archive_uri_value)]
+    lock_days: int | None = Field(None, gt=0, strict=True)
+    """Object Lock retention (COMPLIANCE) of each archived object, where the bucket has it."""
+
+
 class JobsPolicy(_Model):
     """Schedules (5-field cron, UTC) of the worker's periodic jobs; None = not scheduled."""
 
     purge: CronExpression = None
+    archive: CronExpression = None
     verify: CronExpression = None
     snapshot: CronExpression = None
     privileges: CronExpression = None
@@ -453,6 +486,8 @@ class Policy(_Model):
     """Record every read through cdc-audit's query functions as an app event in this stream."""
     checkpoints: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
     jobs: JobsPolicy = Field(default_factory=JobsPolicy)
+    archive: ArchivePolicy | None = None
+    """Archive sealed events here; a purge then archives what it drops first."""
 
     @model_validator(mode="before")
     @classmethod

@@ -63,6 +63,7 @@ __all__ = [
     "build_events_query",
     "make_filter",
     "parse_cursor",
+    "parse_duration",
     "parse_key",
     "parse_time",
 ]
@@ -91,6 +92,24 @@ _UNITS: Final = {
     "w": 604800, "week": 604800, "weeks": 604800,
 }  # fmt: skip
 _RELATIVE: Final = re.compile(r"(\d{1,9})\s*([a-z]+)(?:\s+ago)?", re.IGNORECASE)
+_SPAN: Final = re.compile(r"(\d{1,9})\s*([a-z]+)", re.IGNORECASE)
+
+
+def parse_duration(text: str, *, what: str = "duration") -> timedelta:
+    """A span such as ``30s``, ``15min``, ``2h``, ``7d`` or ``1w``."""
+    match = _SPAN.fullmatch(text.strip())
+    if not match:
+        raise InvalidInput(f"{what}: {text!r} is not a duration such as 30s, 15min, 2h, 7d or 1w")
+    return _span(match, text, what)
+
+
+def _span(match: re.Match[str], text: str, what: str) -> timedelta:
+    unit = _UNITS.get(match[2].lower())
+    if unit is None:
+        raise InvalidInput(
+            f"{what}: unknown unit in {text!r}: use s, min, h, d or w (as in 2h or 7d)"
+        )
+    return timedelta(seconds=int(match[1]) * unit)
 
 
 def parse_time(text: str, *, now: datetime | None = None, what: str = "time") -> datetime:
@@ -104,12 +123,7 @@ def parse_time(text: str, *, now: datetime | None = None, what: str = "time") ->
         return current
     match = _RELATIVE.fullmatch(stripped)
     if match:
-        unit = _UNITS.get(match[2].lower())
-        if unit is None:
-            raise InvalidInput(
-                f"{what}: unknown unit in {text!r}: use s, min, h, d or w (as in 2h or 7d)"
-            )
-        return current - timedelta(seconds=int(match[1]) * unit)
+        return current - _span(match, text, what)
     try:
         value = datetime.fromisoformat(stripped)
     except ValueError:

@@ -69,4 +69,5 @@ RUNTIME_FILES = (
     "runtime/privileges.sql",
     "runtime/retention.sql",
     "runtime/read_audit.sql",
+    "runtime/approvals.sql",
 )

@@ -22,7 +22,7 @@ from psycopg.rows import TupleRow
 from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
 from cdc_audit.chain import GENESIS, SealedEvent, StreamChain, format_commit_time, uuid_text
 from cdc_audit.checkpoints import Checkpoint
-from cdc_audit.errors import NotInstalled
+from cdc_audit.errors import CdcAuditError, NotInstalled
 from cdc_audit.names import InstallNames
 from cdc_audit.pgoutput import format_lsn, parse_lsn
 from cdc_audit.policy import LoadedPolicy, parse_policy
@@ -258,6 +258,8 @@ class TrailWriter:
             self._schema, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS))
         )
         self._identity = worker_identity()
+        self._append_as: sql.Composed | None = None
+        self._append_checked = False
 
     # ---- reading what is there
 
@@ -337,6 +339,9 @@ class TrailWriter:
         cursor = self.conn.cursor()
         self._ensure_partitions(e.draft.commit_time for e in events)
         if events:
+            role = self._append_role()
+            if role is not None:
+                cursor.execute(role)
             with cursor.copy(self._copy) as copy:
                 copy.write(self._copy_data(events))
         for checkpoint in checkpoints:
@@ -381,6 +386,30 @@ class TrailWriter:
             ),
         )
         self.conn.commit()
+
+    def _append_role(self) -> sql.Composed | None:
+        """`SET LOCAL ROLE <writer>` when this login may take the writer role (which bypasses
+        row-level security, refused to COPY otherwise), so the batch is written exactly as a
+        least-privileged worker writes it; None when the login is not a member."""
+        if not self._append_checked:
+            writer = self.names.role("writer")
+            row = self.conn.execute(
+                sql.SQL(
+                    "SELECT pg_has_role(current_user, {}, 'MEMBER'),"
+                    " row_security_active({}::regclass), current_user"
+                ).format(sql.Literal(writer), sql.Literal(f"{self.names.schema}.event"))
+            ).fetchone()
+            assert row is not None
+            member, guarded, login = row
+            if not member and guarded:
+                raise CdcAuditError(
+                    f"role {login} cannot append to the trail: row-level security guards"
+                    f" {self.names.schema}.event; GRANT {writer} TO {login}"
+                )
+            if member:
+                self._append_as = sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(writer))
+            self._append_checked = True
+        return self._append_as
 
     @staticmethod
     def _copy_data(events: Iterable[SealedEvent]) -> bytes:

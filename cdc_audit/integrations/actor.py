@@ -31,6 +31,7 @@ class Actor:
     session_id: str | None = None
     client_ip: str | None = None
     trace_id: str | None = None
+    approval: str | None = None
     extra: Mapping[str, Any] | None = field(default=None, hash=False, compare=True)
 
     def fields(self) -> dict[str, str]:

@@ -31,6 +31,9 @@ AS $fn$
     SELECT coalesce(nullif(current_setting({guc_ctx}, true), '')::jsonb, jsonb_build_object())
 $fn$;
 
+-- approval joined the arguments after extra, so calls that pass extra by position still work.
+DROP FUNCTION IF EXISTS {schema}.set_context(text, text, text, text, text, text, text, jsonb);
+
 CREATE OR REPLACE FUNCTION {schema}.set_context(
     actor_id      text  DEFAULT NULL,
     actor_role    text  DEFAULT NULL,
@@ -39,7 +42,8 @@ CREATE OR REPLACE FUNCTION {schema}.set_context(
     session_id    text  DEFAULT NULL,
     client_ip     text  DEFAULT NULL,
     trace_id      text  DEFAULT NULL,
-    extra         jsonb DEFAULT NULL
+    extra         jsonb DEFAULT NULL,
+    approval      text  DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -61,7 +65,7 @@ BEGIN
     PERFORM set_config({guc_ctx}, jsonb_strip_nulls(jsonb_build_object(
         'actor_id', actor_id, 'actor_role', actor_role, 'reason', reason,
         'on_behalf_of', on_behalf_of, 'session_id', session_id, 'client_ip', client_ip,
-        'trace_id', trace_id, 'extra', extra))::text, true);
+        'trace_id', trace_id, 'approval', approval, 'extra', extra))::text, true);
     -- A new generation makes every context trigger fire once more in this transaction.
     PERFORM set_config({guc_gen}, generation::text, true);
 END

@@ -20,7 +20,7 @@ GRANT EXECUTE ON FUNCTION {schema}.ensure_event_partition(timestamptz),
 GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {auditor};
 
 -- Applications say who is acting and log their own events; they never see the trail.
-GRANT EXECUTE ON FUNCTION {schema}.set_context(text, text, text, text, text, text, text, jsonb),
+GRANT EXECUTE ON FUNCTION {schema}.set_context(text, text, text, text, text, text, text, jsonb, text),
                           {schema}.clear_context(),
                           {schema}.current_context(),
                           {schema}.log_event(text, text, text, jsonb, boolean) TO {app};

@@ -193,7 +193,7 @@ def test_uninstall_keeps_the_trail_and_drop_data_removes_it(
     assert (
         db.scalar(
             "SELECT to_regprocedure("
-            "'cdc_audit.set_context(text,text,text,text,text,text,text,jsonb)')"
+            "'cdc_audit.set_context(text,text,text,text,text,text,text,jsonb,text)')"
         )
         is None
     )

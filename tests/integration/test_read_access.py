@@ -208,6 +208,122 @@ def test_auditor_sees_everything_and_admin_actions_follow_the_admin_streams(
         assert history == [("admin", 1), ("admin", 2)]
 
 
+def test_row_level_security_keeps_streams_apart_even_when_select_is_granted(
+    database: Database, write_policy: WritePolicy
+) -> None:
+    """A grant made by mistake does not open the trail: rows follow the policies of `event`."""
+    _install(database, write_policy)
+    assert database.execute(
+        "SELECT relrowsecurity FROM pg_class WHERE oid = 'cdc_audit.event'::regclass"
+    ) == [(True,)]
+    reader = database.login_role("dan", "cdc_audit_reader")
+    snooper = database.login_role("eve")
+    database.execute(f"GRANT USAGE ON SCHEMA cdc_audit TO {snooper}")
+    database.execute(f"GRANT SELECT ON cdc_audit.event TO cdc_audit_reader, {snooper}")
+    with psycopg.connect(database.dsn_as(reader), autocommit=True) as conn:
+        seen = conn.execute(
+            "SELECT stream, seq FROM cdc_audit.event ORDER BY stream, seq"
+        ).fetchall()
+        assert seen == [("user", 1), ("user", 2)]
+        text = _all_text(conn, "SELECT * FROM cdc_audit.event WHERE stream = 'admin'")
+        assert SECRET not in text and "root" not in text
+    with psycopg.connect(database.dsn_as(snooper), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM cdc_audit.event").fetchone() == (0,)
+        with conn.cursor().copy("COPY (SELECT * FROM cdc_audit.event) TO STDOUT") as copy:
+            assert b"".join(bytes(chunk) for chunk in copy) == b""
+
+
+def test_a_least_privileged_worker_appends_under_row_level_security(
+    database: Database, write_policy: WritePolicy
+) -> None:
+    """The worker appends by COPY, which row-level security refuses to roles it applies to:
+    it writes as the writer role, which bypasses it; a login outside that role is told so."""
+    _install(database, write_policy, events=False)
+    assert (
+        database.scalar("SELECT rolbypassrls FROM pg_roles WHERE rolname = 'cdc_audit_writer'")
+        is True
+    )
+    sealer = database.login_role("sealer2", "cdc_audit_writer")
+    database.execute(f"ALTER ROLE {sealer} REPLICATION")
+    with database.connect(autocommit=False) as conn:
+        conn.execute("SELECT cdc_audit.set_context(actor_id => 'alice')")
+        conn.execute("INSERT INTO accounts VALUES (7, 'seven')")
+        conn.commit()
+    env = {**os.environ, "CDC_AUDIT_DSN": database.dsn_as(sealer)}
+    drained = run_cli("worker", "--drain", env=env)
+    assert drained.returncode == 0, drained.stderr
+    assert database.execute(
+        "SELECT stream, actor_id, row_key FROM cdc_audit.event WHERE kind = 'insert'"
+    ) == [("user", "alice", {"id": 7})]
+
+    outsider = database.login_role("sealer3")
+    database.execute(f"ALTER ROLE {outsider} REPLICATION")
+    database.execute(f"GRANT USAGE ON SCHEMA cdc_audit TO {outsider}")
+    database.execute(
+        "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA cdc_audit TO " + outsider
+    )
+    database.execute(f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA cdc_audit TO {outsider}")
+    with database.connect(autocommit=False) as conn:
+        conn.execute("SELECT cdc_audit.set_context(actor_id => 'alice')")
+        conn.execute("INSERT INTO accounts VALUES (8, 'eight')")
+        conn.commit()
+    refused = run_cli(
+        "worker", "--drain", env={**os.environ, "CDC_AUDIT_DSN": database.dsn_as(outsider)}
+    )
+    assert refused.returncode == 3, refused.stderr
+    assert (
+        f"role {outsider} cannot append to the trail: row-level security guards"
+        f" cdc_audit.event; GRANT cdc_audit_writer TO {outsider}"
+    ) in refused.stderr
+    assert database.scalar("SELECT count(*) FROM cdc_audit.event WHERE kind = 'insert'") == 1
+
+
+def test_pages_of_admin_actions_and_of_an_actors_window(
+    database: Database, write_policy: WritePolicy
+) -> None:
+    """audited_admin_actions: the newest administrative actions, each once, visible ones only;
+    audited_events with a page size: the first events of the window in commit order."""
+    _install(database, write_policy)
+    database.execute(
+        "INSERT INTO cdc_audit.event (stream, seq, event_id, commit_time, kind, schema_name,"
+        " table_name, new, actor_id, context, context_missing, payload_hash, prev_hash, hash)"
+        " SELECT 'user', 2 + n, gen_random_uuid(), now() + n * interval '1 second',"
+        " CASE WHEN n % 3 = 0 THEN 'drift' ELSE 'insert' END, 'public', 'accounts',"
+        " '{}'::jsonb, 'alice', '{}'::jsonb, false, '\\x01', '\\x00', '\\x02'"
+        " FROM generate_series(1, 9) AS n"
+    )
+    window = "now() - interval '1 day', now() + interval '1 day'"
+    auditor = database.login_role("fay", "cdc_audit_auditor")
+    reader = database.login_role("gus", "cdc_audit_reader")
+    with psycopg.connect(database.dsn_as(auditor), autocommit=True) as conn:
+        newest = conn.execute(
+            f"SELECT stream, seq, kind FROM cdc_audit.audited_admin_actions({window}, 4)"
+        ).fetchall()
+        assert newest == [
+            ("user", 11, "drift"),
+            ("user", 8, "drift"),
+            ("user", 5, "drift"),
+            ("admin", 2, "update"),
+        ]
+        every = conn.execute(
+            f"SELECT stream, seq FROM cdc_audit.audited_admin_actions({window}, 100)"
+        ).fetchall()
+        view = conn.execute(
+            "SELECT stream, seq FROM cdc_audit.admin_actions"
+            " ORDER BY commit_time DESC, stream DESC, seq DESC"
+        ).fetchall()
+        assert every == view and len(every) == len(set(every)) == 5
+        page = conn.execute(
+            f"SELECT seq FROM cdc_audit.audited_events({window}, 'alice', 3)"
+        ).fetchall()
+        assert page == [(1,), (3,), (4,)]
+    with psycopg.connect(database.dsn_as(reader), autocommit=True) as conn:
+        seen = conn.execute(
+            f"SELECT stream, seq FROM cdc_audit.audited_admin_actions({window}, 100)"
+        ).fetchall()
+        assert seen == [("user", 11), ("user", 8), ("user", 5)]
+
+
 def test_reads_by_the_auditor_are_recorded_in_the_read_audit_stream(
     database: Database, write_policy: WritePolicy
 ) -> None:

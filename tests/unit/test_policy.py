@@ -245,7 +245,7 @@ def test_bad_durations(text: str, message: str) -> None:
             7,
             "tables[0].opertions",
             "unknown key 'opertions'; valid keys: table, stream, operations, old_values, "
-            "exclude, redact, when; did you mean 'operations'?",
+            "exclude, redact, when, require_approval; did you mean 'operations'?",
             id="unknown-table-key",
         ),
         pytest.param(
@@ -352,7 +352,7 @@ def test_bad_durations(text: str, message: str) -> None:
             3,
             "context.require[0]",
             "'actor' is not one of actor_id, actor_role, reason, on_behalf_of, session_id, "
-            "client_ip, trace_id; did you mean 'actor_id'?",
+            "client_ip, trace_id, approval; did you mean 'actor_id'?",
             id="context-field",
         ),
         pytest.param(
@@ -374,7 +374,7 @@ def test_bad_durations(text: str, message: str) -> None:
             5,
             "tables[0]",
             "expected a mapping (keys: table, stream, operations, old_values, exclude, "
-            "redact, when), got the text 'public.accounts'",
+            "redact, when, require_approval), got the text 'public.accounts'",
             id="mapping-expected",
         ),
         pytest.param(
