@@ -107,7 +107,7 @@ class StreamCounts:
 
 def stream_counts(conn: psycopg.Connection[TupleRow], schema: str, stream: str) -> StreamCounts:
     """Events held (from the first and last seq: a stream's seqs have no holes, and a purge
-    removes a prefix), events missing context and gap events (partial indexes, migration 14):
+    removes a prefix), events missing context and gap events (partial indexes, migration 13):
     a few index pages whatever the trail's size."""
     row = conn.execute(
         sql.SQL(

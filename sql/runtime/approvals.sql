@@ -1,4 +1,4 @@
--- Time-bounded approvals (migration 0011). approve() is the only way to grant one; the
+-- Time-bounded approvals (migration 0010). approve() is the only way to grant one; the
 -- statement trigger on tables whose policy says `require_approval: true` calls
 -- check_approval(), which lets a statement through only while its actor holds an unexpired
 -- approval of that table, and puts the approval's id into the transaction's context so the

@@ -36,13 +36,13 @@ CREATE SCHEMA "cdc_audit" AUTHORIZATION "cdc_audit_owner";
 
 -- audit schema migration 0009 read_side
 
--- audit schema migration 0011 approvals
+-- audit schema migration 0010 approvals
 
--- audit schema migration 0012 row_security
+-- audit schema migration 0011 row_security
 
--- audit schema migration 0013 read_pages
+-- audit schema migration 0012 read_pages
 
--- audit schema migration 0014 status_indexes
+-- audit schema migration 0013 status_indexes
 
 -- context, application event and DDL capture functions; privileges
 
@@ -80,7 +80,7 @@ INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('admin_streams', ''
 CREATE PUBLICATION "cdc_audit" WITH (publish_via_partition_root = true);
 
 -- record policy version 1 (sha256 <sha>…)
-INSERT INTO "cdc_audit".policy_version (action, policy_version, sha256, policy_text, schema_version, software_version) VALUES ('apply', 1, '<sha256>', '<policy text>', 14, '0.1.0');
+INSERT INTO "cdc_audit".policy_version (action, policy_version, sha256, policy_text, schema_version, software_version) VALUES ('apply', 1, '<sha256>', '<policy text>', 13, '0.1.0');
 INSERT INTO "cdc_audit".install_setting (key, value) VALUES ('slot_name', 'cdc_audit_shop') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 SELECT pg_logical_emit_message(true, 'cdc_audit.policy', (SELECT max(id)::text FROM "cdc_audit".policy_version));
 
