@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from .archive import archive_job
 from .db import connect
 from .drift import privileges_job
 from .job_context import JobContext
@@ -62,6 +63,7 @@ def verify_job(context: JobContext) -> str:
 
 JOBS: Mapping[str, JobFunction] = {
     "purge": purge_job,
+    "archive": archive_job,
     "verify": verify_job,
     "snapshot": snapshot_job,
     "privileges": privileges_job,

@@ -48,11 +48,13 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from .archive import archive_before_purge
 from .canonical import JsonValue, canonical_bytes
 from .checkpoints import Checkpoint
 from .db import connect
-from .errors import CdcAuditError
+from .errors import CdcAuditError, InvalidInput
 from .job_context import JobContext
+from .keys import SigningKey
 from .merkle import MerkleBuilder
 from .policy import Duration, Policy
 from .purge_record import purge_record_ending_at
@@ -305,12 +307,18 @@ def purge(
     dry_run: bool = False,
     timeout: float = 60.0,
     progress: Callable[[str], None] = lambda _: None,
+    signing_key: SigningKey | None = None,
 ) -> PurgeResult:
-    """Plan, and unless `dry_run`, record and drop every partition that may go."""
+    """Plan, and unless `dry_run`, record and drop every partition that may go.
+
+    With the policy's `archive`, what goes is archived first (manifests signed with
+    `signing_key`, else CDC_AUDIT_SIGNING_KEY_FILE's), and nothing is dropped if that fails.
+    """
     plans = plan_purge(conn, schema, policy, now)
     result = PurgeResult(plans, [], 0, {"record": 0.0, "drop": 0.0})
     if dry_run:
         return result
+    _archive_first(conn, schema, policy, plans, signing_key, progress)
     events = 0
     for leaf in plans:
         if not leaf.drop:
@@ -319,6 +327,27 @@ def purge(
         result.dropped.append(leaf.name)
         progress(leaf.describe())
     return replace(result, events=events)
+
+
+def _archive_first(
+    conn: psycopg.Connection[TupleRow],
+    schema: str,
+    policy: Policy,
+    plans: list[LeafPlan],
+    signing_key: SigningKey | None,
+    progress: Callable[[str], None],
+) -> None:
+    needs: dict[str, int] = {}
+    for part in (p for leaf in plans if leaf.drop for p in leaf.parts):
+        needs[part.stream] = max(needs.get(part.stream, 0), part.last_seq)
+    if policy.archive is None or not needs:
+        return
+    try:
+        archive_before_purge(conn, schema, policy, signing_key, needs, progress)
+    except CdcAuditError as exc:
+        conn.rollback()
+        failed = InvalidInput if isinstance(exc, InvalidInput) else CdcAuditError
+        raise failed(f"archiving before the purge failed: {exc}; nothing was dropped") from None
 
 
 def _drop(
@@ -436,7 +465,12 @@ def purge_job(context: JobContext) -> str:
     """The scheduled purge: drops what may go and says what it did."""
     with connect(context.dsn) as conn:
         result = purge(
-            conn, context.schema, context.policy, context.now(), progress=context.progress
+            conn,
+            context.schema,
+            context.policy,
+            context.now(),
+            progress=context.progress,
+            signing_key=context.signing_key,
         )
     if not result.dropped:
         return "purge: nothing has passed its retention"
