@@ -74,9 +74,11 @@ from cdc_audit.chain import HEADER_FIELDS, PAYLOAD_FIELDS
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.ephemeral import EphemeralCluster
 from cdc_audit.errors import CdcAuditError
-from cdc_audit.export import _check_event as check_event_line  # verify_export's feed
-from cdc_audit.export import _parse as parse_export  # verify_export's parser
-from cdc_audit.export import verify_export
+from cdc_audit.export import (
+    check_event_line,  # verify_export's feed
+    verify_export,
+)
+from cdc_audit.export import parse_lines as parse_export  # verify_export's parser
 from cdc_audit.keys import PublicKey, load_public_key
 from cdc_audit.merkle import MerkleBuilder
 from cdc_audit.purge_record import PurgeStart

@@ -32,7 +32,7 @@ from .archive_manifest import Manifest, ManifestError, SegmentEntry, parse_manif
 from .archive_store import ArchiveStore
 from .checkpoints import Checkpoint
 from .errors import InvalidInput
-from .export import _check_event, _Malformed, _parse
+from .export import MalformedLine, check_event_line, parse_lines
 from .keys import PublicKey
 from .purge_record import PurgeStart, purge_record_ending_at
 from .verify import StreamVerdict, StreamVerifier, TrailProblem
@@ -149,7 +149,7 @@ def _segment(
     lines = cast("IO[bytes]", gzip.GzipFile(filename="", mode="rb", fileobj=io.BytesIO(data)))
     try:
         _feed(verifier, entry, lines, first, want, hashes)
-    except _Malformed as exc:
+    except MalformedLine as exc:
         raise TrailProblem(verifier.next_seq, f"segment {entry.name}: {exc}") from None
     except (OSError, EOFError, zlib.error) as exc:
         raise TrailProblem(
@@ -170,15 +170,15 @@ def _feed(
     want: frozenset[int],
     hashes: dict[int, str],
 ) -> None:
-    for number, item in enumerate(_parse(Path(entry.name), lines)):
+    for number, item in enumerate(parse_lines(Path(entry.name), lines)):
         if isinstance(item, PurgeStart):
             if not (first and number == 0):
-                raise _Malformed("a purge line may only start the first segment")
+                raise MalformedLine("a purge line may only start the first segment")
             verifier.start_after_purge(item)
         elif isinstance(item, Checkpoint):
             verifier.checkpoint(item)
         else:
-            _check_event(verifier, item)
+            check_event_line(verifier, item)
             seq = verifier.next_seq - 1
             if seq in want:
                 hashes[seq] = verifier.prev_hex

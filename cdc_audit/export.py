@@ -184,7 +184,7 @@ def _resolve(
 # ------------------------------------------------------------------------------ verifying
 
 
-class _Malformed(Exception):
+class MalformedLine(Exception):
     """A line that is not a well-formed, canonical export line."""
 
 
@@ -195,10 +195,10 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
     evidence: an edited one must not pass as a shorter one).
     """
     with path.open("rb") as lines:
-        items = _parse(path, lines)
+        items = parse_lines(path, lines)
         try:
             first = next(items, None)
-        except _Malformed as exc:
+        except MalformedLine as exc:
             return StreamVerifier("?", keys).verdict(TrailProblem(1, str(exc)))
         if first is None:
             raise InvalidInput(f"{path}: the export is empty")
@@ -210,23 +210,23 @@ def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
             elif isinstance(first, PurgeStart):
                 verifier.start_after_purge(first)
             else:
-                _check_event(verifier, first)
+                check_event_line(verifier, first)
             for item in items:
                 if isinstance(item, Checkpoint):
                     verifier.checkpoint(item)
                 elif isinstance(item, PurgeStart):
-                    raise _Malformed("a purge line may only start an export")
+                    raise MalformedLine("a purge line may only start an export")
                 else:
-                    _check_event(verifier, item)
+                    check_event_line(verifier, item)
             verifier.finish()
-        except _Malformed as exc:
+        except MalformedLine as exc:
             return verifier.verdict(TrailProblem(verifier.next_seq, str(exc)))
         except TrailProblem as bad:
             return verifier.verdict(bad)
     return verifier.verdict()
 
 
-def _check_event(verifier: StreamVerifier, record: dict[str, Any]) -> None:
+def check_event_line(verifier: StreamVerifier, record: dict[str, Any]) -> None:
     """Hash an event line's own values: any edit of them shows as a hash that differs."""
     verifier.record(
         record["seq"],
@@ -241,7 +241,7 @@ def _check_event(verifier: StreamVerifier, record: dict[str, Any]) -> None:
     )
 
 
-def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | dict[str, Any]]:
+def parse_lines(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | dict[str, Any]]:
     """Each line as a checkpoint or an event line's object, once it is proven canonical.
 
     Re-encoding must give the line back byte for byte, so no edit can hide behind an
@@ -251,11 +251,13 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | d
     for number, raw in enumerate(lines, start=1):
         record = _canonical_record(raw)
         if record is None:
-            raise _Malformed(f"line {number} is not a canonical export line (edited?)")
+            raise MalformedLine(f"line {number} is not a canonical export line (edited?)")
         kind = record.get("type")
         if kind == "event":
             if record.keys() != _EVENT_KEYS:
-                raise _Malformed(f"line {number}: an event line must have exactly the event fields")
+                raise MalformedLine(
+                    f"line {number}: an event line must have exactly the event fields"
+                )
             yield record
         elif kind == "checkpoint":
             where = f"{path}:{number}"
@@ -265,15 +267,15 @@ def _parse(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | d
                 if canonical_bytes_trusted(checkpoint_line(checkpoint)) + b"\n" != raw:
                     raise InvalidInput(f"{where}: the checkpoint line is not in canonical form")
             except InvalidInput as exc:
-                raise _Malformed(f"line {number}: {exc}") from None
+                raise MalformedLine(f"line {number}: {exc}") from None
             yield checkpoint
         elif kind == "purge" and set(record) == {"type", "stream", "record"}:
             try:
                 yield parse_purge_record(record["record"], record["stream"], f"{path}:{number}")
             except ValueError as exc:
-                raise _Malformed(f"line {number}: {exc}") from None
+                raise MalformedLine(f"line {number}: {exc}") from None
         else:
-            raise _Malformed(f"line {number}: unknown line type {kind!r}")
+            raise MalformedLine(f"line {number}: unknown line type {kind!r}")
 
 
 def _canonical_record(raw: bytes) -> dict[str, Any] | None:
