@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# Line breaks and other control characters a hostile file can put into a quoted value.
+_NOT_ONE_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class CdcAuditError(Exception):
@@ -29,7 +33,12 @@ class PolicyProblem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         key = f" {self.key}:" if self.key else ""
-        return f"{where}:{key} {self.message}"
+        # One line whatever the file holds: the CLI prints one problem per line.
+        return _NOT_ONE_LINE.sub(_escaped, f"{where}:{key} {self.message}")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
 
 
 class PolicyError(InvalidInput):

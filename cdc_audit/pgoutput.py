@@ -400,14 +400,22 @@ def _decode_begin(buf: bytes, n: int, relations: RelationCache | None) -> Begin:
     if n != 21:
         raise DecodeError(f"Begin message must be 21 bytes, got {n}", min(n, 21))
     final_lsn, commit_time, xid = _BEGIN.unpack_from(buf, 1)
-    return Begin(final_lsn, commit_time, xid)
+    return Begin(final_lsn, _commit_time(commit_time, "Begin", 9), xid)
 
 
 def _decode_commit(buf: bytes, n: int, relations: RelationCache | None) -> Commit:
     if n != 26:
         raise DecodeError(f"Commit message must be 26 bytes, got {n}", min(n, 26))
     flags, commit_lsn, end_lsn, commit_time = _COMMIT.unpack_from(buf, 1)
-    return Commit(flags, commit_lsn, end_lsn, commit_time)
+    return Commit(flags, commit_lsn, end_lsn, _commit_time(commit_time, "Commit", 18))
+
+
+def _commit_time(value: int, what: str, offset: int) -> int:
+    # A commit time is "now"; one a datetime cannot hold (outside years 1-9999) is damage,
+    # and would otherwise fail later, as an OverflowError, where the time is converted.
+    if not _MIN_TIME_US <= value <= _MAX_TIME_US:
+        raise DecodeError(f"{what} commit time {value} is out of range", offset)
+    return value
 
 
 def _decode_origin(buf: bytes, n: int, relations: RelationCache | None) -> Origin:
@@ -664,6 +672,10 @@ def parse_lsn(text: str) -> int:
     if match is None:
         raise InvalidLsn(f"not an LSN (expected hex 'X/X', like 16/B374D848): {text!r}")
     return (int(match[1], 16) << 32) | int(match[2], 16)
+
+
+_MIN_TIME_US: Final = (datetime(1, 1, 1, tzinfo=UTC) - PG_EPOCH) // timedelta(microseconds=1)
+_MAX_TIME_US: Final = (datetime.max.replace(tzinfo=UTC) - PG_EPOCH) // timedelta(microseconds=1)
 
 
 def pg_now() -> int:

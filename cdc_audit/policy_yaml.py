@@ -307,7 +307,9 @@ class _Builder:
                 problem = _tag_message(node.tag)
             self._unreadable(_line(node), path, problem)
             return None
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError):
+            # PyYAML's constructors fail on an explicit tag that does not fit the value in
+            # ways of their own: `!!timestamp x` (AttributeError), `!!bool maybe` (KeyError).
             self._unreadable(_line(node), path, f"cannot read {node.value!r} as {node.tag}")
             return None
         if not isinstance(value, _SCALAR_TYPES):

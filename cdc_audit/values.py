@@ -355,8 +355,11 @@ def _to_date(text: str) -> JsonValue:
 
 # One token of array_out's output: a quoted element (backslash escapes inside), a brace, the
 # delimiter, or an unquoted element (array_out quotes anything with braces, delimiters,
-# quotes, backslashes or white space, and anything spelled NULL).
-_ARRAY_TOKEN_RE: Final = re.compile(r'"((?:[^"\\]|\\.)*)"|([{},])|([^{},"\\\s]+)', re.DOTALL)
+# quotes, backslashes or white space, and anything spelled NULL). Its white space is ASCII
+# only (array_isspace): U+00A0, U+0085 or U+2028 stay unquoted, so `\s` must not stop there.
+_ARRAY_TOKEN_RE: Final = re.compile(
+    r'"((?:[^"\\]|\\.)*)"|([{},])|([^{},"\\ \t\n\r\v\f]+)', re.DOTALL
+)
 _UNESCAPE_RE: Final = re.compile(r"\\(.)", re.DOTALL)
 
 
