@@ -8,6 +8,9 @@ drives the CopyBoth stream itself through ``conn.pgconn``:
   waiting, because the blocking form holds the GIL and cannot time out;
 - keepalives that request a reply are answered at once, and a status update is sent every
   `StreamOptions.status_interval` seconds, or ``wal_sender_timeout`` ends the connection;
+- that periodic update asks the server for a reply, and a connection that brings nothing
+  back for `StreamOptions.silence_timeout` seconds after such a request is presumed dead (a
+  silent network failure would otherwise leave the stream waiting until TCP gives up);
 - the position reported to the server (flush = apply = write) is only what the caller passed
   to `ReplicationStream.confirm`, since the server frees WAL up to it.
 
@@ -94,6 +97,8 @@ class StreamOptions:
     proto_version: int = 1
     status_interval: float = 10.0
     """Seconds between unsolicited standby status updates."""
+    silence_timeout: float = 30.0
+    """Seconds without any message after a requested reply before the stream fails."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,8 @@ class ReplicationStream:
         self._in_transaction = False
         self._last_status = 0.0
         self._reported = -1
+        self._reply_requested: float | None = None
+        """When a reply was requested with nothing received since (None: nothing pending)."""
 
     # ---------------------------------------------------------------------------------------
     # Opening
@@ -194,6 +201,7 @@ class ReplicationStream:
         self.relations.clear()  # the server announces every relation again in a new session
         self._in_transaction = False
         self._last_status = time.monotonic()
+        self._reply_requested = None
 
     def _prepare_session(self, conn: psycopg.Connection[TupleRow]) -> None:
         try:
@@ -312,6 +320,14 @@ class ReplicationStream:
     def _wait(self, pgconn: pq.abc.PGconn, deadline: float) -> bool:
         """Wait for input until the deadline or the next status update; False once past it."""
         now = time.monotonic()
+        if self._reply_requested is not None:
+            silent = now - self._reply_requested
+            # What arrived while the caller was busy elsewhere is still to be read: not silence.
+            if silent > self.options.silence_timeout and not self._readable_now(pgconn):
+                self._streaming = False
+                raise ReplicationError(
+                    f"no answer from the server for {silent:.0f}s: connection presumed dead"
+                )
         if now >= deadline:
             return False
         next_status = self._last_status + self.options.status_interval
@@ -320,6 +336,7 @@ class ReplicationStream:
         return True
 
     def _handle(self, data: memoryview) -> StreamItem | None:
+        self._reply_requested = None
         kind = data[0]
         if kind == _XLOGDATA:
             start, end, _sent, payload = decode_xlogdata(data)
@@ -401,6 +418,8 @@ class ReplicationStream:
             raise ReplicationError(f"sending status update failed: {_first_line(exc)}") from exc
         self._last_status = time.monotonic()
         self._reported = lsn
+        if reply and self._reply_requested is None:
+            self._reply_requested = self._last_status
 
     def report_progress(self, min_interval: float = 1.0) -> None:
         """Send the confirmed LSN now if it moved since the last report, at most once per
@@ -412,7 +431,7 @@ class ReplicationStream:
 
     def _status_if_due(self) -> None:
         if time.monotonic() - self._last_status >= self.options.status_interval:
-            self.send_status()
+            self.send_status(reply=True)
 
     # ---------------------------------------------------------------------------------------
     # Closing

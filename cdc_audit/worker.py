@@ -111,6 +111,8 @@ class Worker:
         self._failpoints = _Failpoints.from_environment()
         self._progressed = False
         """Whether the current session confirmed anything (a later failure is a new outage)."""
+        self._backends: list[tuple[int, datetime]] = []
+        """(pid, backend_start) of the server backends of the last session that streamed."""
         self.jobs: JobScheduler | None = None
         self.active = False
         """Whether this worker holds the slot now (for metrics)."""
@@ -153,6 +155,7 @@ class Worker:
 
     def _session(self) -> None:
         with _connect(self.dsn) as conn:
+            self._end_stale_backends(conn)
             names = install_names(conn, self.options.schema)
             writer = TrailWriter(conn, names)
             target = writer.mark("drain") if self.options.drain else None
@@ -176,6 +179,7 @@ class Worker:
             except SlotLost as exc:
                 self._record_gap(writer, loaded.policy, progress, str(exc))
                 raise
+            self._backends = _own_backends(conn, names.slot)
             _log(
                 logging.INFO,
                 "streaming",
@@ -195,6 +199,21 @@ class Worker:
                 stream.close()
                 if jobs is not None:
                     jobs.shutdown()
+
+    def _end_stale_backends(self, conn: psycopg.Connection[TupleRow]) -> None:
+        """End the server backends a failed session left behind. A connection that died
+        silently keeps its backend on the server (until the server's TCP keepalive gives up,
+        hours by default), holding the advisory lock, so that this worker would wait behind
+        itself as a standby, and the slot."""
+        backends, self._backends = self._backends, []
+        if backends:
+            conn.execute(
+                "SELECT pg_catalog.pg_terminate_backend(a.pid) FROM pg_catalog.pg_stat_activity a"
+                " JOIN unnest(%s::int[], %s::timestamptz[]) AS s(pid, started)"
+                " ON a.pid = s.pid AND a.backend_start = s.started",
+                ([pid for pid, _ in backends], [started for _, started in backends]),
+            )
+            conn.commit()
 
     def _start_jobs(self, policy: Policy) -> JobScheduler | None:
         """The policy's scheduled jobs, run while this worker is the active one."""
@@ -738,6 +757,17 @@ def _connect(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
         yield conn
     finally:
         conn.close()
+
+
+def _own_backends(conn: psycopg.Connection[TupleRow], slot: str) -> list[tuple[int, datetime]]:
+    """(pid, backend_start) of this connection's backend and of the slot's walsender."""
+    rows = conn.execute(
+        "SELECT pid, backend_start FROM pg_catalog.pg_stat_activity WHERE pid = pg_backend_pid()"
+        " OR pid = (SELECT active_pid FROM pg_catalog.pg_replication_slots WHERE slot_name = %s)",
+        (slot,),
+    ).fetchall()
+    conn.commit()
+    return [(pid, started) for pid, started in rows if started is not None]
 
 
 def _last_is_same_gap(writer: TrailWriter, stream: str, details: dict[str, JsonValue]) -> bool:

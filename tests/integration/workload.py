@@ -62,6 +62,13 @@ DELETE_IDS = (
     "WITH changed AS (DELETE FROM acct WHERE id = ANY(%(ids)s::bigint[]) RETURNING id, n) "
     + _LOG_DELETES
 )
+SCRATCH = "CREATE TABLE scratch (id bigint PRIMARY KEY, n int NOT NULL);"
+"""A second audited table for `op_truncate` (not part of SCHEMA: only suites that audit it)."""
+INSERT_SCRATCH = (
+    "WITH changed AS (INSERT INTO scratch SELECT g, (g %% 997)::int"
+    " FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) g RETURNING id, n) " + _LOG_INSERTS
+)
+LOG_TRUNCATE = f"INSERT INTO ledger VALUES ({_XID}, 'truncate', 0, NULL, NULL)"
 LOG_COPIED = (
     f"INSERT INTO ledger SELECT {_XID}, 'insert', id, NULL, n FROM acct"
     " WHERE id BETWEEN %(lo)s AND %(hi)s"
@@ -219,6 +226,15 @@ class _Writer:
         dup = self.ids(1) * 2
         cur.execute(INSERT_VALUES, {"ids": dup, "ns": [1, 2], "pads": ["a", "b"]})
 
+    def op_truncate(self, cur: psycopg.Cursor[Any]) -> None:
+        # Locked first: two writers that both inserted and then truncate would deadlock.
+        cur.execute("LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE")
+        ids = self.ids(self.rng.randint(1, 20))
+        cur.execute(INSERT_SCRATCH, {"lo": ids[0], "hi": ids[-1]})
+        cur.execute("TRUNCATE scratch")
+        cur.execute(LOG_TRUNCATE)
+        self.insert_values(cur, 1)
+
     def op_big_insert(self, cur: psycopg.Cursor[Any]) -> None:
         self.big_lo, _ = self.series(cur, BIG_ROWS)
         self.workload.stats.big_xids.append(_xid(cur))
@@ -235,8 +251,9 @@ class _Writer:
         if self.big_at and elapsed >= self.big_at[0]:
             self.big_at.pop(0)
             return "big_insert" if self.big_lo is None else "big_update"
-        names = [name for name, _ in OPERATIONS]
-        return self.rng.choices(names, [weight for _, weight in OPERATIONS])[0]
+        operations = self.workload.operations
+        names = [name for name, _ in operations]
+        return self.rng.choices(names, [weight for _, weight in operations])[0]
 
     def run(self) -> None:
         workload = self.workload
@@ -274,9 +291,11 @@ class Workload:
         threads: int = 3,
         pause: float = 0.03,
         big: tuple[float, ...] = (2.0,),
+        operations: tuple[tuple[str, int], ...] = OPERATIONS,
     ) -> None:
         self.db = db
         self.pause = pause
+        self.operations = operations
         self.stop = threading.Event()
         self.stats = WorkloadStats()
         self.errors: list[BaseException] = []
@@ -343,12 +362,13 @@ class CommitWatcher:
     def poll(self) -> dict[int, Committed]:
         """Consume everything decoded so far; returns all transactions seen since creation.
 
-        Row for row, pgoutput sends one message per change: I(nsert), U(pdate), D(elete); the
-        C(ommit) row's lsn is the end of the commit record, the position a worker confirms.
+        Row for row, pgoutput sends one message per change: I(nsert), U(pdate), D(elete), and
+        one T(runcate) per TRUNCATE of one table; the C(ommit) row's lsn is the end of the
+        commit record, the position a worker confirms.
         """
         rows = self.db.execute(
             "SELECT xid::text::bigint,"
-            " count(*) FILTER (WHERE get_byte(data, 0) IN (73, 85, 68)),"
+            " count(*) FILTER (WHERE get_byte(data, 0) IN (73, 85, 68, 84)),"
             " max(lsn - '0/0') FILTER (WHERE get_byte(data, 0) = 67)"
             " FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL,"
             "  'proto_version', '1', 'publication_names', %s)"
