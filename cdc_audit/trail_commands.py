@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import psycopg
 from psycopg import sql
@@ -221,15 +222,21 @@ def verify_file(path: Path, public_key_files: Sequence[str]) -> StreamVerdict:
     return verify_export(path, found)
 
 
-def write_new(path: Path, data: bytes, what: str) -> None:
-    """Write a file that must not exist yet (exports and proofs are never overwritten)."""
+def create_new(path: Path, what: str) -> BinaryIO:
+    """Open a file that must not exist yet (exports and proofs are never overwritten); the
+    caller closes it."""
     try:
-        with path.open("xb") as out:
-            out.write(data)
+        return path.open("xb")
     except FileExistsError:
-        raise InvalidInput(f"{path} already exists; refusing to overwrite a {what}") from None
+        raise InvalidInput(f"{path} already exists; refusing to overwrite {what}") from None
     except OSError as exc:
-        raise InvalidInput(f"{path}: cannot write the {what}: {exc.strerror}") from None
+        raise InvalidInput(f"{path}: cannot write {what}: {exc.strerror}") from None
+
+
+def write_new(path: Path, data: bytes, what: str) -> None:
+    """Write a file that must not exist yet."""
+    with create_new(path, f"a {what}") as out:
+        out.write(data)
 
 
 def export_range(
@@ -262,11 +269,8 @@ def export_to(
     _require_installed(conn, schema)
     if output == "-":
         return export_stream(conn, schema, stream, selection, sys.stdout.buffer)
-    try:
-        with Path(output).open("xb") as out:
-            return export_stream(conn, schema, stream, selection, out)
-    except FileExistsError:
-        raise InvalidInput(f"{output} already exists; refusing to overwrite an export") from None
+    with create_new(Path(output), "an export") as out:
+        return export_stream(conn, schema, stream, selection, out)
 
 
 def erase(

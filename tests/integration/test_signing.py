@@ -256,6 +256,18 @@ def test_an_export_from_the_middle_verifies_from_the_preceding_checkpoint(signed
     assert verify.returncode == 0, verify.stdout
     assert "15 events verified" in verify.stdout and "unanchored" in verify.stdout
 
+    again = signed.cli("export", "--stream", "user", "--output", str(export))
+    assert again.returncode == 2
+    assert again.stderr.strip().endswith(
+        f"{export} already exists; refusing to overwrite an export"
+    )
+    nowhere = signed.tmp / "missing" / "all.jsonl"
+    lost = signed.cli("export", "--stream", "user", "--output", str(nowhere))
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr
+    assert lost.stderr.strip().endswith(
+        f"{nowhere}: cannot write an export: No such file or directory"
+    )
+
 
 def test_erasure_removes_payloads_keeps_the_chain_and_is_recorded(signed: Signed) -> None:
     signed.keygen("k1")
