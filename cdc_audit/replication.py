@@ -31,6 +31,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.rows import TupleRow
 
+from cdc_audit.db import with_keepalives
 from cdc_audit.errors import CdcAuditError, InvalidInput
 from cdc_audit.pgoutput import (
     Begin,
@@ -188,7 +189,10 @@ class ReplicationStream:
         command = start_replication_command(self.options)
         try:
             self._conn = psycopg.connect(
-                self.dsn, replication="database", autocommit=True, application_name="cdc-audit"
+                with_keepalives(self.dsn),
+                replication="database",
+                autocommit=True,
+                application_name="cdc-audit",
             )
         except psycopg.Error as exc:
             raise ReplicationError(f"cannot connect for replication: {_first_line(exc)}") from exc

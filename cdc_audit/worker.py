@@ -44,7 +44,7 @@ from cdc_audit.canonical import JsonValue
 from cdc_audit.chain import DraftEvent, SealedEvent, StreamChain, Uuid7Generator
 from cdc_audit.checkpointer import Checkpointer
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
-from cdc_audit.db import connect, database_error
+from cdc_audit.db import connect, database_error, with_keepalives
 from cdc_audit.errors import CdcAuditError, DatabaseError, InvalidInput
 from cdc_audit.health import WorkerHealth
 from cdc_audit.job_context import JobContext
@@ -752,7 +752,7 @@ class _Session:
 
 @contextmanager
 def _connect(dsn: str) -> Iterator[psycopg.Connection[TupleRow]]:
-    conn = connect(dsn, application_name="cdc-audit worker")
+    conn = connect(with_keepalives(dsn), application_name="cdc-audit worker")
     try:
         yield conn
     finally:
