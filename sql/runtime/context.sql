@@ -6,33 +6,36 @@
 -- The database facts that no application can claim: who is connected, as whom, from where.
 -- "current_user" is the role the session acts as (SET ROLE), read from the role setting
 -- because inside a SECURITY DEFINER function current_user names the function owner.
-CREATE OR REPLACE FUNCTION {schema}.database_facts() RETURNS jsonb
+--
+-- This function and current_context() run in every audited transaction, from the SECURITY
+-- DEFINER functions below: they are plain SQL without a SET clause so that PostgreSQL inlines
+-- them into the caller (a SQL function it cannot inline is planned again on every call, which
+-- cost more than the rest of the capture together). Everything in them is schema-qualified,
+-- so they mean the same whatever the caller's search_path; they run with the caller's
+-- privileges, and every SECURITY DEFINER caller pins its own search_path.
+CREATE OR REPLACE FUNCTION {schema}.database_facts() RETURNS pg_catalog.jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT jsonb_build_object(
-        'session_user', session_user::text,
-        'current_user', CASE current_setting('role')
-                            WHEN 'none' THEN session_user::text
-                            ELSE current_setting('role') END,
-        'application_name', current_setting('application_name'),
-        'client_addr', host(inet_client_addr()),
-        'backend_pid', pg_backend_pid(),
-        'database', current_database(),
-        'xid', pg_current_xact_id_if_assigned()::text)
+    SELECT pg_catalog.jsonb_build_object(
+        'session_user', session_user::pg_catalog.text,
+        'current_user', CASE pg_catalog.current_setting('role')
+                            WHEN 'none' THEN session_user::pg_catalog.text
+                            ELSE pg_catalog.current_setting('role') END,
+        'application_name', pg_catalog.current_setting('application_name'),
+        'client_addr', pg_catalog.host(pg_catalog.inet_client_addr()),
+        'backend_pid', pg_catalog.pg_backend_pid(),
+        'database', pg_catalog.current_database(),
+        'xid', pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text)
 $fn$;
 
 -- What the application said, as set by set_context; '' (a finished transaction's leftover)
 -- means nothing was said.
-CREATE OR REPLACE FUNCTION {schema}.current_context() RETURNS jsonb
+CREATE OR REPLACE FUNCTION {schema}.current_context() RETURNS pg_catalog.jsonb
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(nullif(current_setting({guc_ctx}, true), '')::jsonb, jsonb_build_object())
+    SELECT coalesce(nullif(pg_catalog.current_setting({guc_ctx}, true), '')::pg_catalog.jsonb,
+                    pg_catalog.jsonb_build_object())
 $fn$;
-
--- approval joined the arguments after extra, so calls that pass extra by position still work.
-DROP FUNCTION IF EXISTS {schema}.set_context(text, text, text, text, text, text, text, jsonb);
 
 CREATE OR REPLACE FUNCTION {schema}.set_context(
     actor_id      text  DEFAULT NULL,
@@ -88,18 +91,26 @@ AS $fn$
 DECLARE
     stream      text   := TG_ARGV[0];
     on_missing  text   := TG_ARGV[1];
-    required    text[] := string_to_array(nullif(TG_ARGV[2], ''), ',');
     generation  text   := coalesce(current_setting({guc_gen}, true), '');
     said        jsonb  := {schema}.current_context();
-    missing     text[];
+    missing     text[] := ARRAY[]::text[];
+    field       text;
 BEGIN
     IF jsonb_typeof(said) <> 'object' THEN
         RAISE EXCEPTION 'cdc-audit: the audit context was not set by set_context'
             USING ERRCODE = '22023';
     END IF;
-    SELECT coalesce(array_agg(field ORDER BY field), ARRAY[]::text[]) INTO missing
-      FROM unnest(required) AS field
-     WHERE coalesce(said ->> field, '') = '';
+    -- A loop, not a query: this runs in every audited transaction.
+    IF TG_ARGV[2] <> '' THEN
+        FOREACH field IN ARRAY string_to_array(TG_ARGV[2], ',') LOOP
+            IF coalesce(said ->> field, '') = '' THEN
+                missing := missing || field;
+            END IF;
+        END LOOP;
+        IF cardinality(missing) > 1 THEN
+            missing := ARRAY(SELECT m FROM unnest(missing) AS m ORDER BY m);
+        END IF;
+    END IF;
     IF cardinality(missing) > 0 AND on_missing = 'reject' THEN
         RAISE EXCEPTION 'cdc-audit: % on %.% needs audit context: % missing',
             TG_OP, quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME),
