@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help venv postgres lint typecheck unit integration test-reliability test demo bench bench-verify bench-snapshot bench-purge bench-read bench-context golden clean
+.PHONY: help venv postgres lint typecheck unit integration test-reliability test demo bench bench-app bench-worker bench-verify bench-snapshot bench-purge bench-read bench-context golden clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,7 +46,13 @@ test: venv postgres lint ## everything CI runs: lint, types, unit and integratio
 demo: venv postgres ## the main job end to end on a private, throwaway PostgreSQL
 	$(PY) -m cdc_audit.demo
 
-bench: venv postgres ## worker throughput, lag and memory on a throwaway PostgreSQL (minutes; BENCH_ARGS=--quick)
+bench: venv postgres ## every benchmark, then docs/benchmarks.md rewritten (about 40 min; BENCH_ARGS=--quick for a smoke run)
+	$(PY) -m bench.suite $(BENCH_ARGS)
+
+bench-app: venv postgres ## the cost to the application: TPC-B unaudited, cdc-audit, classic trigger (BENCH_ARGS=--quick)
+	$(PY) -m bench.app_cost $(BENCH_ARGS)
+
+bench-worker: venv postgres ## worker throughput, lag and memory on a throwaway PostgreSQL (minutes; BENCH_ARGS=--quick)
 	$(PY) -m bench.worker_throughput $(BENCH_ARGS)
 
 bench-verify: venv postgres ## verify throughput online and offline, and its scale curve (BENCH_ARGS=--quick)
