@@ -781,3 +781,12 @@ def test_context_fields_agree_between_policy_and_application_helper() -> None:
     from cdc_audit.policy import CONTEXT_FIELDS as POLICY_FIELDS
 
     assert HELPER_FIELDS == POLICY_FIELDS
+
+
+def test_the_policy_knows_every_field_set_context_takes() -> None:
+    """`require` names what set_context can set: the two lists must not drift apart (the
+    context helpers keep their own copy so applications do not import the policy loader)."""
+    from cdc_audit.context import CONTEXT_FIELDS as SET_CONTEXT_FIELDS
+    from cdc_audit.policy import CONTEXT_FIELDS
+
+    assert CONTEXT_FIELDS == SET_CONTEXT_FIELDS
