@@ -109,7 +109,7 @@ class Worker:
         """Events sealed flagged `context_missing`, per stream (for metrics)."""
         self.health = WorkerHealth()
         self._failpoints = _Failpoints.from_environment()
-        self._progressed = False
+        self.made_progress = False
         """Whether the current session confirmed anything (a later failure is a new outage)."""
         self._backends: list[tuple[int, datetime]] = []
         """(pid, backend_start) of the server backends of the last session that streamed."""
@@ -123,14 +123,14 @@ class Worker:
         failing_since: float | None = None
         while not self.stop.is_set():
             self.health.beat()
-            self._progressed = False
+            self.made_progress = False
             try:
                 self._session()
                 return 0
             except (ReplicationError, psycopg.OperationalError, DatabaseError) as exc:
                 if isinstance(exc, SlotLost):
                     raise
-                if self._progressed:
+                if self.made_progress:
                     # A session that made progress failed: a new outage, not more of the last.
                     backoff, failing_since = 0.5, None
                 now = time.monotonic()
@@ -710,7 +710,7 @@ class _Session:
             self.stream.confirm(lsn)
             self.last_advance = time.monotonic()
             self.worker.health.confirmed(lsn)
-            self.worker._progressed = True
+            self.worker.made_progress = True
 
     def _key_columns(self, schema: str, table: str) -> list[str] | None:
         self._settle(block=True)  # the connection is the writer's
