@@ -83,6 +83,7 @@ class Installed:
     tables: dict[tuple[str, str], TableInfo | None] = field(default_factory=dict)
     # Relations (tables and partitions) that carry the context trigger.
     trigger_oids: frozenset[int] = frozenset()
+    approval_trigger_oids: frozenset[int] = frozenset()
 
 
 def _scalar(
@@ -302,5 +303,13 @@ def read_tables(
             "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s"
             " AND tgrelid = ANY(%s::oid[]) AND tgenabled IN ('O', 'A')",
             (installed.names.context_trigger, oids),
+        )
+    )
+    installed.approval_trigger_oids = frozenset(
+        row[0]
+        for row in conn.execute(
+            "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s"
+            " AND tgrelid = ANY(%s::oid[]) AND tgenabled IN ('O', 'A')",
+            (installed.names.approval_trigger, oids),
         )
     )

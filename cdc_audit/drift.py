@@ -236,6 +236,7 @@ def _table_findings(
             )
             continue
         findings.extend(_trigger_findings(installed, info, triggers, name))
+        findings.extend(_approval_findings(installed, info, policies.get(key), name))
         findings.extend(_identity_findings(info, policies.get(key), name))
         if installed.publication_exists and key not in published:
             findings.append(
@@ -254,6 +255,26 @@ def _table_findings(
             )
         )
     return findings
+
+
+def _approval_findings(
+    installed: Installed, info: TableInfo, policy: TablePolicy | None, table: str
+) -> list[Finding]:
+    """A table that requires approval whose approval check was dropped or disabled."""
+    if policy is None or not policy.require_approval:
+        return []
+    trigger = installed.names.approval_trigger
+    return [
+        Finding(
+            "approval_check_missing",
+            TableName(relation.schema, relation.name).qualified(),
+            f"approval check {trigger} is missing or disabled: changes are accepted without"
+            " an approval",
+            about=table,
+        )
+        for relation in info.all_relations
+        if relation.oid not in installed.approval_trigger_oids
+    ]
 
 
 def _trigger_findings(

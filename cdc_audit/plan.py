@@ -425,7 +425,12 @@ def _plan_table(builder: PlanBuilder, installed: Installed, target: TableTarget)
     )
     statements: list[Statement] = [
         *_identity_statements(target),
-        *_approval_statements(builder, target, relations if changed else [], recorded is not None),
+        *_approval_statements(
+            builder,
+            target,
+            relations if changed else _lacking_approval_check(installed, target),
+            recorded is not None,
+        ),
         *(_trigger_statement(builder, target, relation) for relation in needs_trigger),
         *_publication_statements(installed, target, changed),
     ]
@@ -492,6 +497,13 @@ def _approval_statements(
         )
         for relation in relations
     ]
+
+
+def _lacking_approval_check(installed: Installed, target: TableTarget) -> list[Relation]:
+    """Relations of a table that requires approval whose check was dropped or disabled."""
+    if not target.policy.require_approval:
+        return []
+    return [r for r in target.info.all_relations if r.oid not in installed.approval_trigger_oids]
 
 
 def _drop_approval_trigger(names: InstallNames, relation: Relation) -> Statement:

@@ -291,3 +291,19 @@ def test_an_application_role_changes_an_approved_table(approvals: Database) -> N
         with pytest.raises(psycopg.Error, match="by 'ops-dave' needs an unexpired approval"):
             conn.execute("UPDATE roles SET name = 'root'")
     assert approvals.scalar("SELECT name FROM roles WHERE id = 5") == "support"
+
+
+def test_a_dropped_approval_check_is_drift_and_apply_restores_it(
+    approvals: Database, write_policy: WritePolicy
+) -> None:
+    approvals.execute("DROP TRIGGER cdc_audit_approval ON roles")
+    change_roles(approvals, "ops-anna")  # unguarded now: drift must say so
+    found = run_cli("--dsn", approvals.dsn, "drift")
+    assert found.returncode == 1, found.stderr
+    assert (
+        "approval check cdc_audit_approval is missing or disabled: changes are accepted"
+        " without an approval"
+    ) in found.stdout
+    installer.apply(approvals.dsn, load_policy(write_policy(TABLES, EXTRA)))
+    assert refusal(approvals, "ops-anna", "UPDATE roles SET name = 'y'").sqlstate == "CA003"
+    assert "approval check" not in run_cli("--dsn", approvals.dsn, "drift").stdout
