@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from .pgoutput import pg_timestamp_to_datetime
+
 if TYPE_CHECKING:
     from .worker import Worker
 
@@ -37,8 +39,9 @@ class WorkerHealth:
         self._lock = threading.Lock()
         self._beat = time.monotonic()
         self._streaming = False
-        # (commit LSN, commit time) of received transactions not confirmed yet, in order.
-        self._unsealed: deque[tuple[int, datetime]] = deque()
+        # (commit LSN, commit time as sent: microseconds since 2000) of received transactions
+        # not confirmed yet, in order; converted only when the lag is asked for.
+        self._unsealed: deque[tuple[int, int]] = deque()
         self._last_sealed: datetime | None = None
         self._backlog = False
 
@@ -62,9 +65,10 @@ class WorkerHealth:
             self._streaming = False
             self._unsealed.clear()
 
-    def received(self, commit_lsn: int, commit_time: datetime) -> None:
+    def received(self, commit_lsn: int, commit_time_us: int) -> None:
+        """A transaction arrived (its Begin): `commit_time_us` as pgoutput sends it."""
         with self._lock:
-            self._unsealed.append((commit_lsn, commit_time))
+            self._unsealed.append((commit_lsn, commit_time_us))
 
     def read(self, *, full: bool) -> None:
         """A read returned; `full` when it stopped at its limit, so more is waiting."""
@@ -73,8 +77,11 @@ class WorkerHealth:
     def confirmed(self, lsn: int) -> None:
         """Everything before `lsn` is written: the transactions committed below it are sealed."""
         with self._lock:
+            sealed_us = None
             while self._unsealed and self._unsealed[0][0] < lsn:
-                _, self._last_sealed = self._unsealed.popleft()
+                _, sealed_us = self._unsealed.popleft()
+            if sealed_us is not None:
+                self._last_sealed = pg_timestamp_to_datetime(sealed_us)
 
     def lag_seconds(self, now: datetime | None = None) -> float | None:
         """Age of the oldest committed change not sealed yet; None while not streaming."""
@@ -83,7 +90,7 @@ class WorkerHealth:
             if not self._streaming:
                 return None
             if self._unsealed:
-                oldest: datetime | None = self._unsealed[0][1]
+                oldest: datetime | None = pg_timestamp_to_datetime(self._unsealed[0][1])
             elif self._backlog:
                 oldest = self._last_sealed
             else:

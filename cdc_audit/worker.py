@@ -508,8 +508,7 @@ class _Session:
             self.txn_skip_below = self.resume.partial_done if partial else 0
             self.txn_next_ordinal = 0
             if not self.txn_skip_all:
-                commit_time = pg_timestamp_to_datetime(message.commit_time)
-                self.worker.health.received(message.final_lsn, commit_time)
+                self.worker.health.received(message.final_lsn, message.commit_time)
             self.assembler.feed(message)
             return
         if isinstance(message, Commit):
