@@ -51,7 +51,8 @@ APP_CONFIGS = (
     "cdc-audit (a)",
     "classic trigger",
     "unaudited + context",
-    "cdc-audit (a) inlined",
+    "cdc-audit (a) without context trigger",
+    "cdc-audit (a) trigger floor",
     "cdc-audit (b)",
 )
 """The configurations of the app part, in the order each round runs them."""
@@ -179,8 +180,13 @@ APP_ROWS = (
     ("cdc-audit (b)", "**cdc-audit**, worker running on the same 2 cores", "b"),
     ("classic trigger", "classic row trigger (`to_jsonb(OLD/NEW)` into a table)", "—"),
     (
-        "cdc-audit (a) inlined",
-        "experiment: cdc-audit (a) with `capture_context` inlined (see below)",
+        "cdc-audit (a) without context trigger",
+        "experiment: cdc-audit (a) without its context triggers (no context captured)",
+        "a",
+    ),
+    (
+        "cdc-audit (a) trigger floor",
+        "experiment: cdc-audit (a) with `capture_context` only closing its gate (the floor)",
         "a",
     ),
 )

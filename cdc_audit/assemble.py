@@ -44,7 +44,7 @@ from cdc_audit.pgoutput import (
 from cdc_audit.policy import Policy, TablePolicy
 from cdc_audit.values import parse_json_exact
 
-__all__ = ["AssemblyError", "KeyColumns", "TransactionAssembler"]
+__all__ = ["AssemblyError", "KeyColumns", "TransactionAssembler", "context_fields"]
 
 JsonObject = dict[str, JsonValue]
 
@@ -345,7 +345,7 @@ class TransactionAssembler:
         stream = content.get("stream")
         if not isinstance(stream, str):
             return  # not from the context trigger, which always names its stream
-        rest = {k: v for k, v in content.items() if k not in _BOOKKEEPING}
+        rest = context_fields(content)
         actor_id = _take_text(rest, "actor_id")
         reason = _take_text(rest, "reason")
         missing = bool(rest.get("missing"))
@@ -391,6 +391,24 @@ class TransactionAssembler:
         else:
             required = list(self._policy.context.require)
         return any(content.get(name) in (None, "") for name in required)
+
+
+def context_fields(content: JsonObject) -> JsonObject:
+    """What a context message says about the transaction: what the application said, with the
+    trigger's `missing` and `db` beside it, without the message's bookkeeping.
+
+    Version 2 nests what the application said under "ctx"; version 1 (which a slot may still
+    hold after an upgrade) has it at the top level. The trigger's own keys win over the
+    application's, as they did in version 1.
+    """
+    if content.get("v") == 2:
+        said = content.get("ctx")
+        fields = dict(said) if isinstance(said, dict) else {}
+        for key in ("missing", "db"):
+            if key in content:
+                fields[key] = content[key]
+        return fields
+    return {k: v for k, v in content.items() if k not in _BOOKKEEPING}
 
 
 def _content(message: LogicalMessage) -> JsonObject:

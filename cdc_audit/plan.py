@@ -473,7 +473,7 @@ def _trigger_statement(
         emitted_setting=sql.Literal(names.setting(f"emitted_{target.policy.stream}")),
         stream=sql.Literal(target.policy.stream),
         on_missing=sql.Literal(target.on_missing),
-        required=sql.Literal(",".join(target.required)),
+        required=sql.Literal(",".join(sorted(target.required))),
     )
 
 

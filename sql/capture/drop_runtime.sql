@@ -12,4 +12,5 @@ DROP FUNCTION IF EXISTS {schema}.current_context();
 DROP FUNCTION IF EXISTS {schema}.record_privilege_change(jsonb);
 DROP FUNCTION IF EXISTS {schema}.record_purge(jsonb);
 DROP FUNCTION IF EXISTS {schema}.database_facts();
+DROP FUNCTION IF EXISTS {schema}.database_facts_json(text);
 DELETE FROM {schema}.install_setting WHERE key = 'runtime_sha256';

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from cdc_audit import context, installer
+from cdc_audit.assemble import context_fields
 from cdc_audit.policy import load_policy
 
 from .fix_policy import WritePolicy
@@ -27,8 +28,14 @@ def audited(database: Database, write_policy: WritePolicy) -> Database:
     return database
 
 
+def read_context(content: str) -> dict[str, object]:
+    """A context message as the worker reads it, with the stream it names."""
+    message = json.loads(content)
+    return {**context_fields(message), "stream": message["stream"]}
+
+
 def contexts(watcher: DecodingWatcher) -> list[dict[str, object]]:
-    return [json.loads(m.content) for m in watcher.messages("cdc_audit.ctx")]
+    return [read_context(m.content) for m in watcher.messages("cdc_audit.ctx")]
 
 
 def test_one_message_per_context_change_and_none_for_other_tables(audited: Database) -> None:
@@ -74,7 +81,7 @@ def test_one_message_per_context_change_and_none_for_other_tables(audited: Datab
 
 
 def contexts_from(changes: list) -> list[dict[str, object]]:  # type: ignore[type-arg]
-    return [json.loads(c.message.content) for c in changes if c.message]
+    return [read_context(c.message.content) for c in changes if c.message]
 
 
 def test_message_carries_application_and_database_facts(audited: Database) -> None:
@@ -296,3 +303,74 @@ def test_mixed_case_and_quoted_identifiers(database: Database, write_policy: Wri
     assert [m["actor_id"] for m in contexts(watcher)] == ["u1"]
     with database.connect(autocommit=False) as conn:
         assert installer.compute_plan(conn, load_policy(policy)).empty
+
+
+def test_empty_fields_count_as_missing(audited: Database) -> None:
+    watcher = DecodingWatcher(audited)
+    with audited.connect() as conn, conn.transaction():
+        conn.execute("SELECT cdc_audit.set_context(actor_id => '', reason => 'r')")
+        conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
+    with audited.connect() as conn, conn.transaction():
+        # Set by hand rather than through set_context: the empty value is still missing.
+        conn.execute("SELECT set_config('cdc_audit.ctx', '{\"actor_id\": \"\"}', true)")
+        conn.execute("INSERT INTO accounts VALUES (2, 'b', 'y')")
+    with (
+        pytest.raises(psycopg.Error, match="actor_id missing"),
+        audited.connect() as conn,
+        conn.transaction(),
+    ):
+        conn.execute("SELECT cdc_audit.set_context(actor_id => '', reason => 'r')")
+        conn.execute("INSERT INTO roles VALUES (1, 'x')")
+    first, second = contexts(watcher)
+    assert "actor_id" not in first and first["missing"] == ["actor_id"]
+    assert second["actor_id"] == "" and second["missing"] == ["actor_id"]
+
+
+HOSTILE_SCHEMA = """
+CREATE SCHEMA evil;
+CREATE FUNCTION evil.b(a text, b text) RETURNS boolean LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE FUNCTION evil.i(a integer, b integer) RETURNS boolean LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE FUNCTION evil.t(a text, b text) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE FUNCTION evil.a(a text[], b text) RETURNS text[] LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE FUNCTION evil.j(a jsonb, b text) RETURNS text LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE FUNCTION evil.k(a jsonb, b text[]) RETURNS boolean LANGUAGE plpgsql
+    AS $$ BEGIN RAISE EXCEPTION 'hijacked by %', current_user; END $$;
+CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.b);
+CREATE OPERATOR evil.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.b);
+CREATE OPERATOR evil.> (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.i);
+CREATE OPERATOR evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.t);
+CREATE OPERATOR evil.|| (LEFTARG = text[], RIGHTARG = text, FUNCTION = evil.a);
+CREATE OPERATOR evil.->> (LEFTARG = jsonb, RIGHTARG = text, FUNCTION = evil.j);
+CREATE OPERATOR evil.?& (LEFTARG = jsonb, RIGHTARG = text[], FUNCTION = evil.k);
+CREATE DOMAIN evil.text AS integer;
+CREATE DOMAIN evil.jsonb AS integer;
+"""
+
+
+def test_a_hostile_search_path_cannot_reach_into_the_capture(audited: Database) -> None:
+    # capture_context runs as the audit owner without a SET search_path of its own: objects a
+    # session puts ahead of pg_catalog must never be what it calls.
+    audited.execute(HOSTILE_SCHEMA)
+    app_user = audited.login_role("svc", "cdc_audit_app")
+    # The schema is open to all, so that the audit owner may use it too.
+    audited.execute(f"GRANT ALL ON accounts, roles TO {app_user}")
+    audited.execute("GRANT USAGE ON SCHEMA evil TO PUBLIC")
+    watcher = DecodingWatcher(audited)
+    with psycopg.connect(audited.dsn_as(app_user), autocommit=True) as conn:
+        conn.execute("SET search_path = evil, pg_catalog, public")
+        with conn.transaction():
+            conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1', reason => 'r')")
+            conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
+        conn.execute("INSERT INTO accounts VALUES (2, 'b', 'y')")  # no context: the loop
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("INSERT INTO roles VALUES (1, 'x')")
+        assert refused.value.sqlstate == "CA001"
+    first, second = contexts(watcher)
+    assert (first["actor_id"], first["missing"]) == ("u1", [])
+    assert "actor_id" not in second and second["missing"] == ["actor_id"]
+    assert second["db"]["current_user"] == app_user  # type: ignore[index]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from cdc_audit import installer
+from cdc_audit.assemble import context_fields
 from cdc_audit.pgoutput import (
     Begin,
     Commit,
@@ -121,7 +122,9 @@ def test_committed_changes_stream_in_commit_order_with_context(audited: Audited)
         Truncate,
         Commit,
     ]
-    contexts = [json.loads(m.content) for m in messages if isinstance(m, LogicalMessage)]
+    contexts = [
+        context_fields(json.loads(m.content)) for m in messages if isinstance(m, LogicalMessage)
+    ]
     assert [c["actor_id"] for c in contexts] == ["u1", "u2"]
     assert all(m.transactional for m in messages if isinstance(m, LogicalMessage))
     relation = messages[2]

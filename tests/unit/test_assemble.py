@@ -103,6 +103,29 @@ def message(
 
 
 def ctx(stream: str = "user", missing: list[str] | None = None, **fields: object) -> LogicalMessage:
+    """A context message as capture_context emits it (version 2)."""
+    said = {
+        "actor_id": "u42",
+        "reason": "ticket 7",
+        "actor_role": "support",
+        "extra": {"approval": "A-1"},
+        **fields,
+    }
+    content = {
+        "v": 2,
+        "stream": stream,
+        "generation": "1",
+        "missing": missing or [],
+        "db": {"session_user": "app", "xid": "7"},
+        "ctx": said,
+    }
+    return message("cdc_audit.ctx", content)
+
+
+def ctx_v1(
+    stream: str = "user", missing: list[str] | None = None, **fields: object
+) -> LogicalMessage:
+    """A context message of version 1 (flat), as a slot may still hold after an upgrade."""
     content = {
         "actor_id": "u42",
         "reason": "ticket 7",
@@ -154,6 +177,21 @@ def test_insert_carries_commit_facts_and_context() -> None:
     }
     assert draft.context_missing is False
     assert draft.ordinal == 0
+
+
+def test_context_messages_of_both_versions_give_the_same_event() -> None:
+    # A slot may still hold version 1 messages when an upgraded worker starts reading it.
+    [v1] = in_txn(assembler(), ctx_v1(), Insert(100, account(1)))
+    [v2] = in_txn(assembler(), ctx(), Insert(100, account(1)))
+    assert (v1.actor_id, v1.reason, v1.context) == (v2.actor_id, v2.reason, v2.context)
+
+
+def test_the_triggers_facts_win_over_what_the_application_claims() -> None:
+    claimed = {"session_user": "someone-else"}
+    [draft] = in_txn(assembler(), ctx(db=claimed, missing_fields="x"), Insert(100, account(1)))
+    assert draft.context is not None
+    assert draft.context["db"] == {"session_user": "app", "xid": "7"}
+    assert draft.context["missing_fields"] == "x"
 
 
 def test_context_is_attached_per_stream() -> None:
