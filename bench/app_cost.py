@@ -140,13 +140,14 @@ CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON pgbench_history
 # Two experiments on one run's database each, bounding what capturing the context with
 # statement triggers can cost. Without the context triggers, what is left is the rest of
 # cdc-audit's write path: REPLICA IDENTITY FULL, the publication, the slot and set_context.
+# (Run through `AppBench.sql`, which passes parameters: hence %% for a literal %.)
 DROP_CONTEXT_TRIGGERS = """
 DO $drop$
 DECLARE t record;
 BEGIN
     FOR t IN SELECT tgname, tgrelid::regclass AS rel FROM pg_trigger
               WHERE tgfoid = 'cdc_audit.capture_context'::regproc LOOP
-        EXECUTE format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+        EXECUTE format('DROP TRIGGER %%I ON %%s', t.tgname, t.rel);
     END LOOP;
 END
 $drop$
