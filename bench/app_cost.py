@@ -152,17 +152,23 @@ BEGIN
 END
 $drop$
 """
-# The floor: the triggers stay, with their WHEN gate on every statement, and capture_context
-# does the least any trigger-based capture must, once per transaction: close its gate. No
-# message, no facts, no checks.
+# The floor: the triggers stay, and capture_context does the least any trigger-based capture
+# must: on every statement, check its gate; once per transaction, close it. No message, no
+# facts, no checks.
 GATE_ONLY_CAPTURE = """
 CREATE OR REPLACE FUNCTION cdc_audit.capture_context() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 AS $fn$
+DECLARE
+    generation pg_catalog.text := 'e' OPERATOR(pg_catalog.||)
+        coalesce(pg_catalog.current_setting('cdc_audit.generation', true), '');
 BEGIN
+    IF coalesce(pg_catalog.current_setting('cdc_audit.emitted_' OPERATOR(pg_catalog.||)
+                TG_ARGV[0], true), '') OPERATOR(pg_catalog.=) generation THEN
+        RETURN NULL;
+    END IF;
     PERFORM pg_catalog.set_config('cdc_audit.emitted_' OPERATOR(pg_catalog.||) TG_ARGV[0],
-        'e' OPERATOR(pg_catalog.||) coalesce(pg_catalog.current_setting('cdc_audit.generation',
-        true), ''), true);
+                                  generation, true);
     RETURN NULL;
 END
 $fn$

@@ -25,6 +25,8 @@ TableKey = tuple[str, str]
 Statement = sql.SQL | sql.Composed
 ROW_FILTER_MIN_SERVER = 150000
 OPERATION_ORDER = ("insert", "update", "delete", "truncate")
+CAPTURE_TRIGGER_VERSION = 2
+"""Version of the context trigger's definition (2: no WHEN clause, the gate is in the function)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class TableTarget:
             "when": self.policy.when.sql if self.policy.when else None,
             "required": self.required,
             "on_missing": self.on_missing,
+            # Bumped when the context trigger's definition changes, so that apply replaces
+            # the triggers of tables audited by an earlier version.
+            "capture": CAPTURE_TRIGGER_VERSION,
         }
         if self.policy.require_approval:
             definition["require_approval"] = True
@@ -470,7 +475,6 @@ def _trigger_statement(
         trigger=sql.Identifier(names.context_trigger),
         events=events,
         table=relation.identifier(),
-        emitted_setting=sql.Literal(names.setting(f"emitted_{target.policy.stream}")),
         stream=sql.Literal(target.policy.stream),
         on_missing=sql.Literal(target.on_missing),
         required=sql.Literal(",".join(sorted(target.required))),

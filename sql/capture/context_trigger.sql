@@ -1,8 +1,9 @@
--- The statement trigger that emits the transaction's context ahead of its rows. The WHEN
--- clause keeps it to once per transaction and stream, and once more after each set_context.
+-- The statement trigger that emits the transaction's context ahead of its rows. It has no
+-- WHEN clause: PostgreSQL prepares a trigger's WHEN expression again for every statement it
+-- fires on, and the gate (once per transaction and stream, and once more after each
+-- set_context) cost more that way than calling the function, which checks it first and
+-- returns (docs/adr/0007-a-lean-capture-trigger.md).
 CREATE OR REPLACE TRIGGER {trigger}
     BEFORE {events} ON {table}
     FOR EACH STATEMENT
-    WHEN (coalesce(current_setting({emitted_setting}, true), '')
-          <> 'e' || coalesce(current_setting({guc_gen}, true), ''))
     EXECUTE FUNCTION {schema}.capture_context({stream}, {on_missing}, {required})

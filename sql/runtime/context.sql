@@ -98,16 +98,17 @@ AS $fn$
     SELECT {schema}.set_context()
 $fn$;
 
--- Fires once per transaction and stream, and again after set_context changes the context
--- (the WHEN clause of the trigger compares the emitted generation with the current one).
+-- Called for every statement on an audited table; emits once per transaction and stream, and
+-- again after set_context changes the context: the gate at the top compares the generation
+-- emitted for the stream with the current one, both transaction-local settings.
 -- Arguments: stream, on_missing (record | reject), required fields (comma separated, sorted).
 --
 -- The message (v 2) nests what the application said under "ctx" beside the bookkeeping and
 -- the database facts, built as json text in one expression: merging jsonb values and printing
 -- them again cost more than the rest of the trigger.
 --
--- No SET search_path, unlike the other SECURITY DEFINER functions: this one runs in every
--- audited transaction, and setting and restoring search_path around each call was a
+-- No SET search_path, unlike the other SECURITY DEFINER functions: this one runs on every
+-- audited statement, and setting and restoring search_path around each call was a
 -- measurable part of its cost (docs/benchmarks.md). It is safe without one because every
 -- function, type and operator it names, and everything inlined into it, is schema-qualified:
 -- a caller's search_path cannot substitute its own objects (pg_temp is never searched for
@@ -117,10 +118,15 @@ LANGUAGE plpgsql SECURITY DEFINER
 AS $fn$
 DECLARE
     generation  pg_catalog.text   := coalesce(pg_catalog.current_setting({guc_gen}, true), '');
-    said        pg_catalog.jsonb  := {schema}.current_context();
+    said        pg_catalog.jsonb;
     missing     pg_catalog.text[] := '{{}}';
     field       pg_catalog.text;
 BEGIN
+    IF coalesce(pg_catalog.current_setting({guc_emitted} OPERATOR(pg_catalog.||) TG_ARGV[0], true), '')
+       OPERATOR(pg_catalog.=) ('e' OPERATOR(pg_catalog.||) generation) THEN
+        RETURN NULL;  -- already emitted for this generation
+    END IF;
+    said := {schema}.current_context();
     IF pg_catalog.jsonb_typeof(said) OPERATOR(pg_catalog.<>) 'object' THEN
         RAISE EXCEPTION 'cdc-audit: the audit context was not set by set_context'
             USING ERRCODE = '22023';

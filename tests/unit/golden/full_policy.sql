@@ -81,41 +81,44 @@ CREATE PUBLICATION "cdc_audit" WITH (publish_via_partition_root = true);
 
 -- audit public.accounts (stream user)
 ALTER TABLE "public"."accounts" REPLICA IDENTITY FULL;
--- The statement trigger that emits the transaction's context ahead of its rows. The WHEN
--- clause keeps it to once per transaction and stream, and once more after each set_context.
+-- The statement trigger that emits the transaction's context ahead of its rows. It has no
+-- WHEN clause: PostgreSQL prepares a trigger's WHEN expression again for every statement it
+-- fires on, and the gate (once per transaction and stream, and once more after each
+-- set_context) cost more that way than calling the function, which checks it first and
+-- returns (docs/adr/0007-a-lean-capture-trigger.md).
 CREATE OR REPLACE TRIGGER "cdc_audit_context"
     BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON "public"."accounts"
     FOR EACH STATEMENT
-    WHEN (coalesce(current_setting('cdc_audit.emitted_user', true), '')
-          <> 'e' || coalesce(current_setting('cdc_audit.generation', true), ''))
     EXECUTE FUNCTION "cdc_audit".capture_context('user', 'record', 'actor_id');
 ALTER PUBLICATION "cdc_audit" ADD TABLE "public"."accounts" WHERE (status <> 'draft');
-INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('public', 'accounts', 'user', '3f28e93b3d1dba176f0f4f8e7f92b213cb742a0ff2a558cae4167c98ca1f6082', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
+INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('public', 'accounts', 'user', '449daffd789a8dcf2ab84c4096a61a46e3a2ee70cc152795590d839862e42cc1', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
 
 -- audit "Sales"."Order Items" (stream user)
 ALTER TABLE "Sales"."Order Items" REPLICA IDENTITY FULL;
--- The statement trigger that emits the transaction's context ahead of its rows. The WHEN
--- clause keeps it to once per transaction and stream, and once more after each set_context.
+-- The statement trigger that emits the transaction's context ahead of its rows. It has no
+-- WHEN clause: PostgreSQL prepares a trigger's WHEN expression again for every statement it
+-- fires on, and the gate (once per transaction and stream, and once more after each
+-- set_context) cost more that way than calling the function, which checks it first and
+-- returns (docs/adr/0007-a-lean-capture-trigger.md).
 CREATE OR REPLACE TRIGGER "cdc_audit_context"
     BEFORE INSERT OR UPDATE ON "Sales"."Order Items"
     FOR EACH STATEMENT
-    WHEN (coalesce(current_setting('cdc_audit.emitted_user', true), '')
-          <> 'e' || coalesce(current_setting('cdc_audit.generation', true), ''))
     EXECUTE FUNCTION "cdc_audit".capture_context('user', 'record', 'actor_id');
 ALTER PUBLICATION "cdc_audit" ADD TABLE "Sales"."Order Items";
-INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('Sales', 'Order Items', 'user', '6029fa5cf2a77e4174fbb2631bd0c7a62b3cb49b8e8caae73d7fd067d4fedf07', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
+INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('Sales', 'Order Items', 'user', '03cb971afb5a92f29d3260454ea98576cbfda251630adfbba367956268dc259a', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
 
 -- audit public.roles (stream admin)
--- The statement trigger that emits the transaction's context ahead of its rows. The WHEN
--- clause keeps it to once per transaction and stream, and once more after each set_context.
+-- The statement trigger that emits the transaction's context ahead of its rows. It has no
+-- WHEN clause: PostgreSQL prepares a trigger's WHEN expression again for every statement it
+-- fires on, and the gate (once per transaction and stream, and once more after each
+-- set_context) cost more that way than calling the function, which checks it first and
+-- returns (docs/adr/0007-a-lean-capture-trigger.md).
 CREATE OR REPLACE TRIGGER "cdc_audit_context"
     BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON "public"."roles"
     FOR EACH STATEMENT
-    WHEN (coalesce(current_setting('cdc_audit.emitted_admin', true), '')
-          <> 'e' || coalesce(current_setting('cdc_audit.generation', true), ''))
     EXECUTE FUNCTION "cdc_audit".capture_context('admin', 'reject', 'actor_id,reason');
 ALTER PUBLICATION "cdc_audit" ADD TABLE "public"."roles";
-INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('public', 'roles', 'admin', '86dc8aec7e3bfd16b25bee5ac810dac898f6c21b4fa8323eaa8137425ab02332', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
+INSERT INTO "cdc_audit".audited_table (schema_name, table_name, stream, definition_sha256, original_replica_identity) VALUES ('public', 'roles', 'admin', 'c39ecca50875d2f73eba84e0b7a509f345ddb8768fed1154744878f839634b6a', 'd') ON CONFLICT (schema_name, table_name) DO UPDATE SET stream = excluded.stream, definition_sha256 = excluded.definition_sha256, installed_at = now();
 
 -- event triggers recording schema changes, grants and drops
 -- Schema changes and drops, recorded in the trail when they commit.
