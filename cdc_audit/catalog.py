@@ -295,21 +295,22 @@ def read_tables(
         if info is not None
         for relation in info.all_relations
     ]
-    installed.trigger_oids = frozenset(
-        row[0]
-        for row in conn.execute(
-            # A disabled (D) or replica-only (R) trigger never fires for applications: apply
-            # creates it again, enabled.
-            "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s"
-            " AND tgrelid = ANY(%s::oid[]) AND tgenabled IN ('O', 'A')",
-            (installed.names.context_trigger, oids),
-        )
+    installed.trigger_oids = _firing_trigger_relations(conn, installed.names.context_trigger, oids)
+    installed.approval_trigger_oids = _firing_trigger_relations(
+        conn, installed.names.approval_trigger, oids
     )
-    installed.approval_trigger_oids = frozenset(
+
+
+def _firing_trigger_relations(
+    conn: Connection[TupleRow], trigger: str, oids: list[int]
+) -> frozenset[int]:
+    """Which of the relations `oids` have the trigger `trigger`, enabled. A disabled (D) or
+    replica-only (R) trigger never fires for applications: apply creates it again, enabled."""
+    return frozenset(
         row[0]
         for row in conn.execute(
             "SELECT tgrelid::bigint FROM pg_trigger WHERE tgname = %s"
             " AND tgrelid = ANY(%s::oid[]) AND tgenabled IN ('O', 'A')",
-            (installed.names.approval_trigger, oids),
+            (trigger, oids),
         )
     )
