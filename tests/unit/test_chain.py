@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -12,6 +13,7 @@ import pytest
 from cdc_audit.canonical import JsonValue
 from cdc_audit.chain import (
     GENESIS,
+    BufferedRandomBits,
     DraftEvent,
     SealedEvent,
     StreamChain,
@@ -288,6 +290,39 @@ def test_default_generator_uses_the_wall_clock() -> None:
     value = gen()
     assert abs((value.int >> 80) - before) < 60_000
     assert gen().bytes > value.bytes
+
+
+def test_random_bits_stay_in_range_and_use_every_bit() -> None:
+    draw = BufferedRandomBits()
+    for bits in (1, 11, 62, 64):
+        values = [draw(bits) for _ in range(2000)]  # several blocks of 512 draws
+        assert all(0 <= v < 1 << bits for v in values)
+        # Every bit position is set sometimes and clear sometimes (false alarm < 2^-1990).
+        for position in range(bits):
+            seen = {(v >> position) & 1 for v in values}
+            assert seen == {0, 1}, (bits, position)
+    with pytest.raises(ValueError, match="1 to 64 bits"):
+        draw(65)
+    with pytest.raises(ValueError, match="1 to 64 bits"):
+        draw(0)
+
+
+def test_a_forked_child_does_not_draw_the_parents_bytes() -> None:
+    draw = BufferedRandomBits()
+    draw(64)  # the parent holds a block with 511 draws left
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next draws and leave at once
+        os.close(read_end)
+        os.write(write_end, b"".join(draw(64).to_bytes(8, "big") for _ in range(4)))
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    parent = b"".join(draw(64).to_bytes(8, "big") for _ in range(4))
+    assert len(child) == 32
+    assert child != parent
 
 
 # Merkle roots and proofs are tested in test_merkle.py.
