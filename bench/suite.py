@@ -321,15 +321,18 @@ def render_verify(verify: Json) -> list[str]:
     lines = [
         "| events in the trail | sealed, events/s | `verify` online, events/s | per CPU second,"
         " net of start-up | `verify --file` offline, events/s | per CPU second, net |"
-        " `export`, events/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        " the same in one pass (`--jobs 1`), events/s | `export`, events/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in curve:
+        one_pass = p.get("verify_offline_one")
         lines.append(
             f"| {p['events']:,} | {p['seal']['rate']:,.0f} | {p['verify_online']['rate']:,.0f} |"
             f" {_net_cpu_rate(p['verify_online'], start):,.0f} |"
             f" {p['verify_offline']['rate']:,.0f} |"
-            f" {_net_cpu_rate(p['verify_offline'], start):,.0f} | {p['export']['rate']:,.0f} |"
+            f" {_net_cpu_rate(p['verify_offline'], start):,.0f} |"
+            f" {'' if one_pass is None else format(one_pass['rate'], ',.0f')} |"
+            f" {p['export']['rate']:,.0f} |"
         )
     return lines
 

@@ -164,6 +164,8 @@ class Point:
     export_bytes: int
     verify_offline: Timed
     checkpoints: int
+    verify_offline_one: Timed | None = None
+    """`verify --file --jobs 1`: one pass, the baseline of the parallel verification."""
 
 
 @dataclass
@@ -312,17 +314,23 @@ def run_point(bench: VerifyBench, size: int, results: Results) -> Point:
         f" {size_bytes / 1e6:.0f} MB ({size_bytes / total:.0f} bytes an event)"
     )
 
-    offline, stdout = bench.timed_cli(
-        "verify", "--file", str(export), "--public-key", str(bench.public_key)
-    )
+    offline_args = ("verify", "--file", str(export), "--public-key", str(bench.public_key))
+    one_pass, stdout = bench.timed_cli(*offline_args, "--jobs", "1")
+    one_pass.events = _verified_count(stdout)
+    offline, stdout = bench.timed_cli(*offline_args)  # every core, as users run it
     offline.events = _verified_count(stdout)
-    if offline.events != total:
-        raise BenchError(f"verify --file checked {offline.events} events of {total}")
-    say(
-        f"{size:,}: verify --file (offline): {offline.seconds:.2f} s = {offline.rate:,.0f}"
-        f" events/s; CPU {_us(offline.cpu_seconds, total)} per event ="
-        f" {offline.cpu_rate:,.0f} events per CPU second; peak RSS {offline.rss_mb:.0f} MB"
-    )
+    if offline.events != total or one_pass.events != total:
+        raise BenchError(
+            f"verify --file checked {offline.events} (one pass: {one_pass.events}) events"
+            f" of {total}"
+        )
+    for name, timed in (("one pass, --jobs 1", one_pass), ("every core", offline)):
+        say(
+            f"{size:,}: verify --file (offline, {name}): {timed.seconds:.2f} s ="
+            f" {timed.rate:,.0f} events/s; CPU {_us(timed.cpu_seconds, total)} per event;"
+            f" peak RSS {timed.rss_mb:.0f} MB"
+        )
+    say(f"{size:,}: offline, every core / one pass: {offline.rate / one_pass.rate:.2f}")
     point = Point(
         events=total,
         sealed_events=sealed,
@@ -332,6 +340,7 @@ def run_point(bench: VerifyBench, size: int, results: Results) -> Point:
         export_bytes=size_bytes,
         verify_offline=offline,
         checkpoints=bench.checkpoint_count(),
+        verify_offline_one=one_pass,
     )
     results.curve.append(point)
     return point
@@ -433,7 +442,7 @@ def measure_inprocess(
 def _items(export: Path) -> Iterator[dict[str, Any] | Checkpoint]:
     """The export's lines parsed exactly as `verify_export` parses them (its own parser)."""
     with export.open("rb") as lines:
-        for item in parse_export(export, lines):
+        for item in parse_export(lines):
             if isinstance(item, PurgeStart):
                 raise BenchError("the benchmark's export starts after a purge")
             yield item
@@ -555,13 +564,18 @@ def net(value: Timed, startup: Timed | None) -> Timed:
     )
 
 
+def _rate(timed: Timed | None) -> str:
+    return "" if timed is None else f"{timed.rate:,.0f}"
+
+
 def summary(results: Results) -> list[str]:
     start = results.startup
     lines = [
         "| events in the trail | sealed, events/s | worker CPU µs/event (net) |"
         " `verify` online, events/s | its CPU µs/event (net) | server CPU µs/event |"
-        " `export`, events/s | `verify --file`, events/s | its CPU µs/event (net) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " `export`, events/s | `verify --file`, events/s | its CPU µs/event (net) |"
+        " `verify --file --jobs 1`, events/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in results.curve:
         seal = net(p.seal, results.seal_startup)
@@ -578,6 +592,7 @@ def summary(results: Results) -> list[str]:
             f" {p.verify_offline.rate:,.0f} |"
             f" {p.verify_offline.cpu_seconds * 1e6 / p.events:.1f}"
             f" ({offline.cpu_seconds * 1e6 / p.events:.1f}) |"
+            f" {_rate(p.verify_offline_one)} |"
         )
     if start is not None:
         lines.append(
@@ -787,9 +802,10 @@ def run(args: argparse.Namespace) -> int:
 def _as_json(results: Results) -> dict[str, Any]:
     data = asdict(results)
     for item, point in zip(data["curve"], results.curve, strict=True):
-        for name in ("seal", "verify_online", "export", "verify_offline"):
-            value: Timed = getattr(point, name)
-            item[name].update(rate=value.rate, cpu_rate=value.cpu_rate)
+        for name in ("seal", "verify_online", "export", "verify_offline", "verify_offline_one"):
+            value: Timed | None = getattr(point, name)
+            if value is not None:
+                item[name].update(rate=value.rate, cpu_rate=value.cpu_rate)
     for name, value in results.inproc.items():
         data["inproc"][name].update(rate=value.rate, cpu_rate=value.cpu_rate)
     return data

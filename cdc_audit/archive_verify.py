@@ -21,7 +21,6 @@ import io
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import IO, cast
 
 import psycopg
@@ -170,10 +169,10 @@ def _feed(
     want: frozenset[int],
     hashes: dict[int, str],
 ) -> None:
-    for number, item in enumerate(parse_lines(Path(entry.name), lines)):
+    for number, item in enumerate(parse_lines(lines)):
         if isinstance(item, PurgeStart):
             if not (first and number == 0):
-                raise MalformedLine("a purge line may only start the first segment")
+                raise MalformedLine(None, "a purge line may only start the first segment")
             verifier.start_after_purge(item)
         elif isinstance(item, Checkpoint):
             verifier.checkpoint(item)

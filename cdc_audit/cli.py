@@ -41,6 +41,7 @@ from .cli_common import (
 )
 from .db import connect, database_error
 from .errors import CdcAuditError, DatabaseError, IntegrityError, InvalidInput
+from .export_parts import usable_cpus
 from .metrics import serve_metrics
 from .names import InstallNames
 from .proof import make_proof, verify_proof
@@ -174,8 +175,11 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.archive is not None:
         return archive_commands.verify_archive(args, settings)
+    if args.jobs is not None and args.jobs < 1:
+        raise InvalidInput(f"--jobs must be at least 1, not {args.jobs}")
     if args.file is not None:
-        verdicts = [trail_commands.verify_file(Path(args.file), args.public_key)]
+        jobs = args.jobs if args.jobs is not None else usable_cpus()
+        verdicts = [trail_commands.verify_file(Path(args.file), args.public_key, jobs)]
     else:
         schema = _schema(args, settings)
         with connect(_dsn(args, settings)) as conn:
@@ -323,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start after the newest checkpoint a successful verification reached",
     )
     verify.add_argument("--file", metavar="EXPORT", help="verify an export, with no database")
+    verify.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="processes for --file (default: one per usable core; 1: a single pass)",
+    )
     verify.add_argument("--proof", metavar="PROOF", help="verify an inclusion proof (offline)")
     verify.add_argument(
         "--archive",

@@ -17,7 +17,7 @@ changed anywhere changes what is verified), in stream order:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -185,44 +185,91 @@ def _resolve(
 
 
 class MalformedLine(Exception):
-    """A line that is not a well-formed, canonical export line."""
+    """A line that is not a well-formed, canonical export line.
+
+    `line` counts from the first line read (None: the problem is not one line's); a caller
+    that read from the middle of a file adds the lines before it (`describe`).
+    """
+
+    def __init__(self, line: int | None, detail: str) -> None:
+        super().__init__(self.describe_at(line, detail))
+        self.line = line
+        self.detail = detail
+
+    @staticmethod
+    def describe_at(line: int | None, detail: str) -> str:
+        return detail if line is None else f"line {line}{detail}"
+
+    def describe(self, lines_before: int = 0) -> str:
+        return self.describe_at(
+            None if self.line is None else self.line + lines_before, self.detail
+        )
 
 
 def verify_export(path: Path, keys: Mapping[str, PublicKey]) -> StreamVerdict:
     """Verify an export file; the verdict names the first bad sequence number.
 
     A line that is not a well-formed export line is an integrity failure too (an export is
-    evidence: an edited one must not pass as a shorter one).
+    evidence: an edited one must not pass as a shorter one). `cdc_audit.export_parts` does
+    the same on several cores.
     """
     with path.open("rb") as lines:
-        items = parse_lines(path, lines)
-        try:
-            first = next(items, None)
-        except MalformedLine as exc:
-            return StreamVerifier("?", keys).verdict(TrailProblem(1, str(exc)))
-        if first is None:
-            raise InvalidInput(f"{path}: the export is empty")
-        stream = first.stream if isinstance(first, Checkpoint | PurgeStart) else first["stream"]
-        verifier = StreamVerifier(stream if isinstance(stream, str) else "?", keys)
-        try:
-            if isinstance(first, Checkpoint):
-                verifier.start_after(first)
-            elif isinstance(first, PurgeStart):
-                verifier.start_after_purge(first)
+        return verify_export_lines(path, lines, keys)
+
+
+def verify_export_lines(
+    path: Path, lines: Iterable[bytes], keys: Mapping[str, PublicKey], *, last_part: bool = True
+) -> StreamVerdict:
+    """`verify_export` of the lines from the start of `path`, all or (`last_part` false) the
+    first of several parts."""
+    items = parse_lines(lines)
+    try:
+        first = next(items, None)
+    except MalformedLine as exc:
+        return StreamVerifier("?", keys).verdict(TrailProblem(1, exc.describe()))
+    if first is None:
+        raise InvalidInput(f"{path}: the export is empty")
+    stream = first.stream if isinstance(first, Checkpoint | PurgeStart) else first["stream"]
+    verifier = StreamVerifier(stream if isinstance(stream, str) else "?", keys)
+    try:
+        if isinstance(first, Checkpoint):
+            verifier.start_after(first)
+        elif isinstance(first, PurgeStart):
+            verifier.start_after_purge(first)
+        else:
+            check_event_line(verifier, first)
+    except TrailProblem as bad:
+        return verifier.verdict(bad)
+    return verify_lines(verifier, items, last_part=last_part)
+
+
+def verify_lines(
+    verifier: StreamVerifier,
+    items: Iterator[Checkpoint | PurgeStart | dict[str, Any]],
+    *,
+    lines_before: Callable[[], int] = lambda: 0,
+    last_part: bool = True,
+) -> StreamVerdict:
+    """Feed `verifier` the rest of an export's lines, as `parse_lines` yields them.
+
+    For a part of a file read from its middle (`cdc_audit.export_parts`), `lines_before`
+    counts the lines ahead of it (only when a malformed line must be named), and only the
+    last part checks the stream's end (`StreamVerifier.finish`).
+    """
+    try:
+        for item in items:
+            if isinstance(item, Checkpoint):
+                verifier.checkpoint(item)
+            elif isinstance(item, PurgeStart):
+                raise MalformedLine(None, "a purge line may only start an export")
             else:
-                check_event_line(verifier, first)
-            for item in items:
-                if isinstance(item, Checkpoint):
-                    verifier.checkpoint(item)
-                elif isinstance(item, PurgeStart):
-                    raise MalformedLine("a purge line may only start an export")
-                else:
-                    check_event_line(verifier, item)
+                check_event_line(verifier, item)
+        if last_part:
             verifier.finish()
-        except MalformedLine as exc:
-            return verifier.verdict(TrailProblem(verifier.next_seq, str(exc)))
-        except TrailProblem as bad:
-            return verifier.verdict(bad)
+    except MalformedLine as exc:
+        return verifier.verdict(TrailProblem(verifier.next_seq, exc.describe(lines_before())))
+    except TrailProblem as bad:
+        return verifier.verdict(bad)
     return verifier.verdict()
 
 
@@ -241,41 +288,38 @@ def check_event_line(verifier: StreamVerifier, record: dict[str, Any]) -> None:
     )
 
 
-def parse_lines(path: Path, lines: IO[bytes]) -> Iterator[Checkpoint | PurgeStart | dict[str, Any]]:
+def parse_lines(lines: Iterable[bytes]) -> Iterator[Checkpoint | PurgeStart | dict[str, Any]]:
     """Each line as a checkpoint or an event line's object, once it is proven canonical.
 
     Re-encoding must give the line back byte for byte, so no edit can hide behind an
     equivalent spelling, and whatever orjson parsed (a fraction included) encodes again to
-    the very text that was hashed.
+    the very text that was hashed. Line numbers count from the first of `lines`.
     """
     for number, raw in enumerate(lines, start=1):
         record = _canonical_record(raw)
         if record is None:
-            raise MalformedLine(f"line {number} is not a canonical export line (edited?)")
+            raise MalformedLine(number, " is not a canonical export line (edited?)")
         kind = record.get("type")
         if kind == "event":
             if record.keys() != _EVENT_KEYS:
-                raise MalformedLine(
-                    f"line {number}: an event line must have exactly the event fields"
-                )
+                raise MalformedLine(number, ": an event line must have exactly the event fields")
             yield record
         elif kind == "checkpoint":
-            where = f"{path}:{number}"
             try:
                 body = {k: v for k, v in record.items() if k != "type"}
-                checkpoint = Checkpoint.from_record(body, where)
+                checkpoint = Checkpoint.from_record(body, "checkpoint line")
                 if canonical_bytes_trusted(checkpoint_line(checkpoint)) + b"\n" != raw:
-                    raise InvalidInput(f"{where}: the checkpoint line is not in canonical form")
+                    raise InvalidInput("the checkpoint line is not in canonical form")
             except InvalidInput as exc:
-                raise MalformedLine(f"line {number}: {exc}") from None
+                raise MalformedLine(number, f": {exc}") from None
             yield checkpoint
         elif kind == "purge" and set(record) == {"type", "stream", "record"}:
             try:
-                yield parse_purge_record(record["record"], record["stream"], f"{path}:{number}")
+                yield parse_purge_record(record["record"], record["stream"], "purge record")
             except ValueError as exc:
-                raise MalformedLine(f"line {number}: {exc}") from None
+                raise MalformedLine(number, f": {exc}") from None
         else:
-            raise MalformedLine(f"line {number}: unknown line type {kind!r}")
+            raise MalformedLine(number, f": unknown line type {kind!r}")
 
 
 def _canonical_record(raw: bytes) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ from cdc_audit import keys
 from cdc_audit.canonical import MAX_SAFE_INT, JsonValue, canonical_bytes
 from cdc_audit.checkpoints import Checkpoint, DirectoryAnchor
 from cdc_audit.errors import CdcAuditError, InvalidInput
-from cdc_audit.export import ExportRange, export_stream, verify_export
+from cdc_audit.export import ExportRange, export_stream
+from cdc_audit.export_parts import verify_export_parallel
 from cdc_audit.pgoutput import parse_lsn
 from cdc_audit.predicate import parse_table_name
 from cdc_audit.trail import applied_policy, install_names, slot_confirmed, trail_streams
@@ -215,11 +216,11 @@ def public_keys(paths: Sequence[str]) -> dict[str, keys.PublicKey]:
     return {k.key_id: k for k in loaded}
 
 
-def verify_file(path: Path, public_key_files: Sequence[str]) -> StreamVerdict:
+def verify_file(path: Path, public_key_files: Sequence[str], jobs: int = 1) -> StreamVerdict:
     found = public_keys(public_key_files)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such export file")
-    return verify_export(path, found)
+    return verify_export_parallel(path, found, jobs)
 
 
 def create_new(path: Path, what: str) -> BinaryIO:

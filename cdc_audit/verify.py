@@ -174,6 +174,8 @@ class StreamVerifier:
         self.erased = 0
         self.purge_record: dict[str, Any] | None = None
         """The purge record verification started from, until it is met in the chain."""
+        self.resumed = False
+        """Begun after a checkpoint verified elsewhere (`resume_after`): the stream is signed."""
 
     def start_after(self, checkpoint: Checkpoint) -> None:
         """Begin after `checkpoint` (whose own range is not available), trusting its signature."""
@@ -183,6 +185,15 @@ class StreamVerifier:
         self.prev_hex = checkpoint.head_hash.hex()
         self.signed_up_to = checkpoint.last_seq
         self.checkpoints += 1
+
+    def resume_after(self, checkpoint: Checkpoint) -> None:
+        """Continue after `checkpoint`, which another verifier checked as the last item of the
+        part before this one (`cdc_audit.export_parts`): it is not checked or counted again."""
+        self.next_seq = self.range_first = checkpoint.last_seq + 1
+        self.prev = checkpoint.head_hash
+        self.prev_hex = checkpoint.head_hash.hex()
+        self.signed_up_to = checkpoint.last_seq
+        self.resumed = True
 
     def start_after_purge(self, start: PurgeStart) -> None:
         """Begin after events a purge dropped, from its record (see `cdc_audit.purge`).
@@ -294,6 +305,11 @@ class StreamVerifier:
 
     def checkpoint(self, checkpoint: Checkpoint) -> None:
         last = self.next_seq - 1
+        if checkpoint.stream != self.stream:
+            raise TrailProblem(
+                checkpoint.first_seq,
+                f"checkpoint of stream {checkpoint.stream} inside stream {self.stream}",
+            )
         if checkpoint.last_seq > last:
             raise TrailProblem(
                 last + 1,
@@ -340,7 +356,7 @@ class StreamVerifier:
                 int(self.purge_record.get("last_seq", 0)) + 1,
                 "verification started from a purge record that is not in the chain",
             )
-        if self.checkpoints and self.signed_up_to < last:
+        if (self.checkpoints or self.resumed) and self.signed_up_to < last:
             raise TrailProblem(
                 self.signed_up_to + 1,
                 f"events {self.signed_up_to + 1}-{last} are covered by no checkpoint: the"
