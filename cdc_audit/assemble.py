@@ -42,6 +42,7 @@ from cdc_audit.pgoutput import (
     pg_timestamp_to_datetime,
 )
 from cdc_audit.policy import Policy, TablePolicy
+from cdc_audit.records import record
 from cdc_audit.values import parse_json_exact
 
 __all__ = ["AssemblyError", "KeyColumns", "TransactionAssembler", "context_fields"]
@@ -68,7 +69,7 @@ class AssemblyError(CdcAuditError):
     """Messages out of protocol order (a change outside a transaction, an unknown relation)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Context:
     """One context, split into the event fields it fills."""
 

@@ -55,13 +55,14 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime
 from typing import Final, Protocol
 
 from cdc_audit.canonical import JsonValue, canonical_bytes, canonical_bytes_trusted
 from cdc_audit.merkle import merkle_root
 from cdc_audit.pgoutput import format_lsn
+from cdc_audit.records import record
 
 __all__ = [
     "GENESIS",
@@ -96,7 +97,7 @@ GENESIS: Final = bytes(32)
 JsonObject = dict[str, JsonValue]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DraftEvent:
     """Everything of an event except its place in the chain (seq, prev_hash, hash).
 
@@ -161,7 +162,7 @@ def payload_object(event: PayloadFields) -> JsonObject:
     }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SealedEvent:
     """A draft with its place in the chain: the row the worker writes."""
 

@@ -30,6 +30,7 @@ from typing import Final, Literal
 from cdc_audit.canonical import JsonValue, canonical_bytes
 from cdc_audit.pgoutput import UNCHANGED, Relation, TupleValue
 from cdc_audit.policy import TablePolicy
+from cdc_audit.records import record
 from cdc_audit.values import converter_for
 
 __all__ = ["HASH_PREFIX", "MASK", "RowShaper", "ShapedChange"]
@@ -41,7 +42,7 @@ JsonObject = dict[str, JsonValue]
 _Transform = Callable[[str], JsonValue]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ShapedChange:
     """One row change after the column policy.
 

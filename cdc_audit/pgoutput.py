@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, TypeAlias
 
 from cdc_audit.errors import CdcAuditError, InvalidInput
+from cdc_audit.records import record
 
 __all__ = [
     "PG_EPOCH",
@@ -106,7 +107,7 @@ PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 # Messages
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Begin:
     """'B': start of a committed transaction. Times are microseconds since `PG_EPOCH`."""
 
@@ -115,7 +116,7 @@ class Begin:
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Commit:
     """'C': end of a transaction. `end_lsn` is the position to confirm once it is sealed."""
 
@@ -177,7 +178,7 @@ class TypeMessage:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Insert:
     """'I': a new row."""
 
@@ -185,7 +186,7 @@ class Insert:
     new: list[TupleValue]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Update:
     """'U': a changed row.
 
@@ -199,7 +200,7 @@ class Update:
     new: list[TupleValue]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delete:
     """'D': a removed row; `old_kind` as for `Update`, but never None."""
 
@@ -226,7 +227,7 @@ class Truncate:
         return bool(self.options & 2)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LogicalMessage:
     """'M': a pg_logical_emit_message() payload.
 

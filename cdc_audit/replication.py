@@ -47,6 +47,7 @@ from cdc_audit.pgoutput import (
     parse_lsn,
     pg_now,
 )
+from cdc_audit.records import record
 
 __all__ = [
     "SESSION_SETTINGS",
@@ -102,7 +103,7 @@ class StreamOptions:
     """Seconds without any message after a requested reply before the stream fails."""
 
 
-@dataclass(frozen=True)
+@record
 class StreamItem:
     """One decoded pgoutput message with the positions of its XLogData header."""
 
