@@ -640,10 +640,10 @@ def verdicts(results: Results) -> list[str]:
         cores = net(value, start)
         out.append(
             _verdict(
-                f"{label} >= {TARGET_RATE:,.0f} events/s on one core",
-                cores.cpu_rate >= TARGET_RATE,
-                f"{cores.cpu_rate:,.0f} events per CPU second net of start-up"
-                f" ({value.rate:,.0f}/s wall clock with it) at {detail.events:,} events",
+                f"{label} >= {TARGET_RATE:,.0f} events/s",
+                value.rate >= TARGET_RATE,
+                f"{value.rate:,.0f}/s wall clock, start-up included ({cores.cpu_rate:,.0f}"
+                f" events per CPU second net of start-up) at {detail.events:,} events",
             )
         )
     pure = results.inproc.get(PURE)
