@@ -37,7 +37,7 @@ from cdc_audit.verify import StreamVerdict, StreamVerifier
 __all__ = ["Part", "split_export", "usable_cpus", "verify_export_parallel"]
 
 MIN_PART_BYTES: Final = 8 << 20
-"""Below this (about 10,000 events) a part gains less than its process costs."""
+"""Below this (several thousand events) a part gains less than its process costs."""
 
 _CHECKPOINT_MARK: Final = b'"type":"checkpoint"'
 
