@@ -46,7 +46,11 @@ test: venv postgres lint ## everything CI runs: lint, types, unit and integratio
 demo: venv postgres ## the main job end to end on a private, throwaway PostgreSQL
 	$(PY) -m cdc_audit.demo
 
-bench: venv postgres ## every benchmark, then docs/benchmarks.md rewritten (about 40 min; BENCH_ARGS=--quick for a smoke run)
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+bench: venv postgres $(VENV)/.bench-installed ## every benchmark, then docs/benchmarks.md rewritten with its charts (about 40 min; BENCH_ARGS=--quick for a smoke run)
 	$(PY) -m bench.suite $(BENCH_ARGS)
 
 bench-app: venv postgres ## the cost to the application: TPC-B unaudited, cdc-audit, classic trigger (BENCH_ARGS=--quick)

@@ -674,10 +674,12 @@ def verdicts(results: Results) -> list[str]:
                 f"{us:.1f} µs at {p.events:,}"
                 for us, p in zip(per_event, results.curve, strict=True)
             )
-            out.append(
-                f"scale, {label} per event: {curve} (last/first"
-                f" {per_event[-1] / per_event[0]:.2f}; 1.00 = linear)"
+            ratio = (
+                f"{per_event[-1] / per_event[0]:.2f}"
+                if per_event[0] >= 0.1
+                else "n/a: start-up is all of the first"
             )
+            out.append(f"scale, {label} per event: {curve} (last/first {ratio}; 1.00 = linear)")
     return out
 
 
