@@ -34,6 +34,13 @@ def read_context(content: str) -> dict[str, object]:
     return {**context_fields(message), "stream": message["stream"]}
 
 
+def in_one_transaction(database: Database, *statements: str) -> None:
+    """What an application does: set its context and write, in one transaction."""
+    with database.connect() as conn, conn.transaction():
+        for statement in statements:
+            conn.execute(statement)
+
+
 def contexts(watcher: DecodingWatcher) -> list[dict[str, object]]:
     return [read_context(m.content) for m in watcher.messages("cdc_audit.ctx")]
 
@@ -163,9 +170,11 @@ def test_missing_context_is_recorded_or_rejected_per_stream(audited: Database) -
     ):
         conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
         conn.execute("UPDATE roles SET name = 'y'")
-    with audited.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1', reason => 'promotion')")
-        conn.execute("INSERT INTO roles VALUES (1, 'x')")
+    in_one_transaction(
+        audited,
+        "SELECT cdc_audit.set_context(actor_id => 'u1', reason => 'promotion')",
+        "INSERT INTO roles VALUES (1, 'x')",
+    )
     emitted = contexts(watcher)
     assert [(m["stream"], m["missing"]) for m in emitted] == [("user", ["actor_id"]), ("admin", [])]
     assert audited.scalar("SELECT count(*) FROM roles") == 1
@@ -257,12 +266,16 @@ def test_partitioned_table_emits_for_writes_to_root_and_partitions(
     )
     assert database.execute("SELECT tablename FROM pg_publication_tables") == [("orders",)]
     watcher = DecodingWatcher(database)
-    with database.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
-        conn.execute("INSERT INTO orders_eu VALUES (1, 'eu')")
-    with database.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u2')")
-        conn.execute("INSERT INTO orders VALUES (2, 'us')")
+    in_one_transaction(
+        database,
+        "SELECT cdc_audit.set_context(actor_id => 'u1')",
+        "INSERT INTO orders_eu VALUES (1, 'eu')",
+    )
+    in_one_transaction(
+        database,
+        "SELECT cdc_audit.set_context(actor_id => 'u2')",
+        "INSERT INTO orders VALUES (2, 'us')",
+    )
     assert [m["actor_id"] for m in contexts(watcher)] == ["u1", "u2"]
 
     # A partition added later is drift: plan shows it, apply attaches the trigger.
@@ -297,9 +310,11 @@ def test_mixed_case_and_quoted_identifiers(database: Database, write_policy: Wri
         ("Sales", "Order Items")
     ]
     watcher = DecodingWatcher(database)
-    with database.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
-        conn.execute('INSERT INTO "Sales"."Order Items" VALUES (1, 12.5, \'q"\', \'open\')')
+    in_one_transaction(
+        database,
+        "SELECT cdc_audit.set_context(actor_id => 'u1')",
+        'INSERT INTO "Sales"."Order Items" VALUES (1, 12.5, \'q"\', \'open\')',
+    )
     assert [m["actor_id"] for m in contexts(watcher)] == ["u1"]
     with database.connect(autocommit=False) as conn:
         assert installer.compute_plan(conn, load_policy(policy)).empty
@@ -307,13 +322,17 @@ def test_mixed_case_and_quoted_identifiers(database: Database, write_policy: Wri
 
 def test_empty_fields_count_as_missing(audited: Database) -> None:
     watcher = DecodingWatcher(audited)
-    with audited.connect() as conn, conn.transaction():
-        conn.execute("SELECT cdc_audit.set_context(actor_id => '', reason => 'r')")
-        conn.execute("INSERT INTO accounts VALUES (1, 'a', 'x')")
-    with audited.connect() as conn, conn.transaction():
-        # Set by hand rather than through set_context: the empty value is still missing.
-        conn.execute("SELECT set_config('cdc_audit.ctx', '{\"actor_id\": \"\"}', true)")
-        conn.execute("INSERT INTO accounts VALUES (2, 'b', 'y')")
+    in_one_transaction(
+        audited,
+        "SELECT cdc_audit.set_context(actor_id => '', reason => 'r')",
+        "INSERT INTO accounts VALUES (1, 'a', 'x')",
+    )
+    # Set by hand rather than through set_context: the empty value is still missing.
+    in_one_transaction(
+        audited,
+        "SELECT set_config('cdc_audit.ctx', '{\"actor_id\": \"\"}', true)",
+        "INSERT INTO accounts VALUES (2, 'b', 'y')",
+    )
     with (
         pytest.raises(psycopg.Error, match="actor_id missing"),
         audited.connect() as conn,
