@@ -163,13 +163,12 @@ def test_missing_context_is_recorded_or_rejected_per_stream(audited: Database) -
     assert "INSERT on public.roles needs audit context: actor_id, reason missing" in str(
         refused.value
     )
-    with (
-        pytest.raises(psycopg.Error, match="reason missing"),
-        audited.connect() as conn,
-        conn.transaction(),
-    ):
-        conn.execute("SELECT cdc_audit.set_context(actor_id => 'u1')")
-        conn.execute("UPDATE roles SET name = 'y'")
+    with pytest.raises(psycopg.Error, match="reason missing"):
+        in_one_transaction(
+            audited,
+            "SELECT cdc_audit.set_context(actor_id => 'u1')",
+            "UPDATE roles SET name = 'y'",
+        )
     in_one_transaction(
         audited,
         "SELECT cdc_audit.set_context(actor_id => 'u1', reason => 'promotion')",
@@ -333,13 +332,12 @@ def test_empty_fields_count_as_missing(audited: Database) -> None:
         "SELECT set_config('cdc_audit.ctx', '{\"actor_id\": \"\"}', true)",
         "INSERT INTO accounts VALUES (2, 'b', 'y')",
     )
-    with (
-        pytest.raises(psycopg.Error, match="actor_id missing"),
-        audited.connect() as conn,
-        conn.transaction(),
-    ):
-        conn.execute("SELECT cdc_audit.set_context(actor_id => '', reason => 'r')")
-        conn.execute("INSERT INTO roles VALUES (1, 'x')")
+    with pytest.raises(psycopg.Error, match="actor_id missing"):
+        in_one_transaction(
+            audited,
+            "SELECT cdc_audit.set_context(actor_id => '', reason => 'r')",
+            "INSERT INTO roles VALUES (1, 'x')",
+        )
     first, second = contexts(watcher)
     assert "actor_id" not in first and first["missing"] == ["actor_id"]
     assert second["actor_id"] == "" and second["missing"] == ["actor_id"]
